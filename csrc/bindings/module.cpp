@@ -1,0 +1,17 @@
+// The moe_ep._C module. Importing it also runs the static TORCH_LIBRARY registrations of
+// csrc/ops, which make torch.ops.moe_ep.* available.
+#include <torch/extension.h>
+
+#include "bindings/bindings.h"
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "moe_ep native core: torch.ops.moe_ep operators and the torch-free planners";
+  m.attr("with_cuda") =
+#ifdef MOE_EP_WITH_CUDA
+      true;
+#else
+      false;
+#endif
+  moe_ep::bindings::bind_placement(m);
+  moe_ep::bindings::bind_perf(m);
+}
