@@ -1,0 +1,38 @@
+// Argument checks shared by the CPU and CUDA implementations. Every failure is a
+// RuntimeError (c10::Error) whose message names the offending argument.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string_view>
+
+namespace moe_ep::ops {
+
+inline void check_dim(const at::Tensor& t, int64_t dim, std::string_view name) {
+  TORCH_CHECK(t.dim() == dim, "moe_ep: argument '", name, "' must be ", dim,
+              "-D, got shape ", t.sizes());
+}
+
+inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, std::string_view name) {
+  TORCH_CHECK(t.scalar_type() == dtype, "moe_ep: argument '", name, "' must be ", dtype,
+              ", got ", t.scalar_type());
+}
+
+inline void check_float_dtype(const at::Tensor& t, std::string_view name) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "moe_ep: argument '", name, "' must be float32, float16 or bfloat16, got ", dtype);
+}
+
+inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, std::string_view name) {
+  TORCH_CHECK(t.size(dim) == expected, "moe_ep: argument '", name, "' must have size ", expected,
+              " in dimension ", dim, ", got shape ", t.sizes());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, std::string_view name,
+                              std::string_view ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), "moe_ep: argument '", name, "' is on ", t.device(),
+              " but '", ref_name, "' is on ", ref.device());
+}
+
+}  // namespace moe_ep::ops

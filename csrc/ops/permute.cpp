@@ -1,0 +1,123 @@
+#include "ops/permute.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "core/layout.h"
+#include "ops/checks.h"
+
+namespace moe_ep::ops {
+
+at::Tensor checked_permute_ids(const at::Tensor& hidden, const at::Tensor& topk_ids,
+                               int64_t num_experts) {
+  check_dim(hidden, 2, "hidden");
+  check_float_dtype(hidden, "hidden");
+  check_dim(topk_ids, 2, "topk_ids");
+  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
+              "moe_ep: argument 'topk_ids' must be int32 or int64, got ", topk_ids.scalar_type());
+  check_size(topk_ids, 0, hidden.size(0), "topk_ids");
+  check_same_device(topk_ids, hidden, "topk_ids", "hidden");
+  TORCH_CHECK(num_experts >= 1 && num_experts <= std::numeric_limits<int32_t>::max(),
+              "moe_ep: argument 'num_experts' must be >= 1, got ", num_experts);
+  TORCH_CHECK(topk_ids.numel() <= std::numeric_limits<int32_t>::max(),
+              "moe_ep: argument 'topk_ids' has more than 2^31-1 entries");
+  return topk_ids.to(at::kInt).contiguous();
+}
+
+void check_unpermute_args(const at::Tensor& expert_out, const at::Tensor& row_of,
+                          const at::Tensor& topk_weights) {
+  check_dim(expert_out, 2, "expert_out");
+  check_float_dtype(expert_out, "expert_out");
+  check_dim(row_of, 2, "row_of");
+  check_dtype(row_of, at::kInt, "row_of");
+  check_dim(topk_weights, 2, "topk_weights");
+  check_float_dtype(topk_weights, "topk_weights");
+  TORCH_CHECK(topk_weights.sizes() == row_of.sizes(), "moe_ep: argument 'topk_weights' must have ",
+              "the shape of 'row_of' ", row_of.sizes(), ", got ", topk_weights.sizes());
+  check_same_device(row_of, expert_out, "row_of", "expert_out");
+  check_same_device(topk_weights, expert_out, "topk_weights", "expert_out");
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& hidden,
+                                                           const at::Tensor& topk_ids,
+                                                           int64_t num_experts) {
+  const at::Tensor ids = checked_permute_ids(hidden, topk_ids, num_experts);
+  const at::Tensor input = hidden.contiguous();
+  const int64_t num_tokens = input.size(0), top_k = ids.size(1), width = input.size(1);
+  at::Tensor offsets = at::empty({num_experts + 1}, ids.options().dtype(at::kLong));
+  at::Tensor row_of = at::empty({num_tokens, top_k}, ids.options());
+  try {
+    core::stable_counting_sort(ids.data_ptr<int32_t>(), ids.numel(),
+                               static_cast<int32_t>(num_experts), offsets.data_ptr<int64_t>(),
+                               row_of.data_ptr<int32_t>());
+  } catch (const std::out_of_range& e) {
+    TORCH_CHECK(false, "moe_ep: argument 'topk_ids' holds an expert id outside [0, num_experts=",
+                num_experts, "): ", e.what());
+  }
+  at::Tensor permuted = at::empty({ids.numel(), width}, input.options());
+  const auto* src = static_cast<const char*>(input.data_ptr());
+  auto* dst = static_cast<char*>(permuted.data_ptr());
+  const int32_t* rows = row_of.data_ptr<int32_t>();
+  const size_t row_bytes = width * input.element_size();
+  at::parallel_for(0, ids.numel(), 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      std::memcpy(dst + rows[i] * row_bytes, src + (i / top_k) * row_bytes, row_bytes);
+    }
+  });
+  return {permuted, offsets, row_of};
+}
+
+at::Tensor unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& row_of,
+                         const at::Tensor& topk_weights) {
+  check_unpermute_args(expert_out, row_of, topk_weights);
+  const at::Tensor rows = row_of.contiguous();
+  const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
+  const at::Tensor input = expert_out.contiguous();
+  const int64_t num_tokens = rows.size(0), top_k = rows.size(1), width = input.size(1);
+  const int64_t num_rows = input.size(0);
+  if (rows.numel() > 0) {
+    const auto [low, high] = at::aminmax(rows);
+    TORCH_CHECK(low.item<int32_t>() >= -1 && high.item<int32_t>() < num_rows,
+                "moe_ep: argument 'row_of' must hold rows in [0, ", num_rows,
+                ") or -1 (no contribution), got values in [", low.item<int32_t>(), ", ",
+                high.item<int32_t>(), "]");
+  }
+  at::Tensor out = at::empty({num_tokens, width}, input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "unpermute_cpu", [&] {
+    const scalar_t* src = input.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    const int32_t* row_ptr = rows.data_ptr<int32_t>();
+    const float* weight_ptr = weights.data_ptr<float>();
+    at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(width);
+      for (int64_t t = begin; t < end; ++t) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t j = 0; j < top_k; ++j) {
+          const int32_t row = row_ptr[t * top_k + j];
+          if (row < 0) continue;
+          const float w = weight_ptr[t * top_k + j];
+          const scalar_t* x = src + row * width;
+          for (int64_t h = 0; h < width; ++h) acc[h] += w * static_cast<float>(x[h]);
+        }
+        for (int64_t h = 0; h < width; ++h) dst[t * width + h] = static_cast<scalar_t>(acc[h]);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe_ep, CPU, m) {
+  m.impl("permute", &permute_cpu);
+  m.impl("unpermute", &unpermute_cpu);
+}
+
+}  // namespace moe_ep::ops

@@ -1,0 +1,147 @@
+"""Typed wrappers over torch.ops.moe_ep, and their fake kernels for torch.compile.
+
+Shapes use T tokens, H hidden, F expert FFN hidden, E experts (local experts for
+expert_ffn), k choices per token. Every op accepts float32, float16 and bfloat16 hidden
+states, any T including 0, and non-contiguous inputs; bad arguments raise a RuntimeError
+that names the argument.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import moe_ep._C  # noqa: F401  (registers torch.ops.moe_ep)
+
+__all__ = ["route", "permute", "expert_ffn", "unpermute"]
+
+
+def route(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    score_func: str = "softmax",
+    bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = True,
+    scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k gating.
+
+    Args:
+        logits: [T, E] router logits (any float dtype; scores are computed in float32).
+        top_k: experts per token, 1..16 and <= E.
+        score_func: "softmax" over the E logits, or "sigmoid" per logit.
+        bias: optional float32 [E] added to the scores for the choice only (DeepSeek-V3's
+            load-balancing correction); the returned weights never include it.
+        n_group, topk_group: group-limited choice: the E experts form n_group equal groups,
+            only experts in the topk_group best groups can be chosen (a group's score is the
+            sum of its two best biased scores when a bias is given, else its best score).
+        renormalize: divide the k weights by their sum.
+        scaling: multiply the weights by this factor (after renormalisation).
+
+    Returns:
+        topk_ids: int32 [T, k], best first, ties to the lower expert id.
+        topk_weights: float32 [T, k].
+    """
+    return torch.ops.moe_ep.route(
+        logits, top_k, score_func, bias, n_group, topk_group, renormalize, scaling
+    )
+
+
+def permute(
+    hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Groups each token's k copies by expert (stable: token order within an expert).
+
+    Args:
+        hidden: [T, H] hidden states.
+        topk_ids: int32 or int64 [T, k], each in [0, num_experts).
+        num_experts: E.
+
+    Returns:
+        permuted: [T*k, H], rows of expert e at expert_offsets[e]:expert_offsets[e+1].
+        expert_offsets: int64 [E+1], starting at 0 and ending at T*k.
+        row_of: int32 [T, k], the row of permuted that holds copy (t, j): the index that
+            unpermute needs to undo the permutation.
+    """
+    return torch.ops.moe_ep.permute(hidden, topk_ids, num_experts)
+
+
+def expert_ffn(
+    x: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """Gated expert FFN over rows grouped by expert (a grouped GEMM, fp32 accumulation).
+
+    For the rows r of expert e: y[r] = (act(x[r] @ w1[e].T) * (x[r] @ w3[e].T)) @ w2[e].T,
+    where w13[e] = cat(w1[e], w3[e]); the gate/up product is rounded to x's dtype before
+    the activation, as on the GPU.
+
+    Args:
+        x: [N, H] rows grouped by expert.
+        expert_offsets: int64 [E+1] (CPU or x's device), 0 first and N last.
+        w13: [E, 2F, H] gate and up projections, x's dtype.
+        w2: [E, H, F] down projections, x's dtype.
+        activation: "silu" (SwiGLU) or "gelu" (GeGLU, exact erf GELU).
+
+    Returns:
+        [N, H] in x's dtype.
+    """
+    return torch.ops.moe_ep.expert_ffn(x, expert_offsets, w13, w2, activation)
+
+
+def unpermute(
+    expert_out: torch.Tensor, row_of: torch.Tensor, topk_weights: torch.Tensor
+) -> torch.Tensor:
+    """Local combine: out[t] = sum_j topk_weights[t, j] * expert_out[row_of[t, j]].
+
+    Accumulates in float32 in one pass. A row of -1 contributes nothing.
+
+    Args:
+        expert_out: [N, H].
+        row_of: int32 [T, k] rows of expert_out (from permute), or -1.
+        topk_weights: [T, k] float weights.
+
+    Returns:
+        [T, H] in expert_out's dtype.
+    """
+    return torch.ops.moe_ep.unpermute(expert_out, row_of, topk_weights)
+
+
+@torch.library.register_fake("moe_ep::route")
+def _route_fake(
+    logits,
+    top_k,
+    score_func="softmax",
+    bias=None,
+    n_group=1,
+    topk_group=1,
+    renormalize=True,
+    scaling=1.0,
+):
+    shape = (logits.shape[0], top_k)
+    return logits.new_empty(shape, dtype=torch.int32), logits.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("moe_ep::permute")
+def _permute_fake(hidden, topk_ids, num_experts):
+    rows = topk_ids.shape[0] * topk_ids.shape[1]
+    return (
+        hidden.new_empty((rows, hidden.shape[1])),
+        hidden.new_empty((num_experts + 1,), dtype=torch.int64),
+        hidden.new_empty(tuple(topk_ids.shape), dtype=torch.int32),
+    )
+
+
+@torch.library.register_fake("moe_ep::expert_ffn")
+def _expert_ffn_fake(x, expert_offsets, w13, w2, activation="silu"):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("moe_ep::unpermute")
+def _unpermute_fake(expert_out, row_of, topk_weights):
+    return expert_out.new_empty((row_of.shape[0], expert_out.shape[1]))
