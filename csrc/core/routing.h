@@ -41,19 +41,20 @@ MOE_EP_HD inline bool ranks_before(float value_a, int index_a, float value_b, in
   return value_a > value_b || (value_a == value_b && index_a < index_b);
 }
 
-template <typename Logit>
-MOE_EP_HD inline void route_token(const Logit* logits, const float* bias, const RouteConfig& cfg,
+// logit(e) returns expert e's logit as a float (the caller owns the element type).
+template <typename LogitFn>
+MOE_EP_HD inline void route_token(LogitFn logit, const float* bias, const RouteConfig& cfg,
                                   int32_t* ids, float* weights) {
   const int num_experts = cfg.num_experts;
   float max_logit = -INFINITY;
   float denominator = 1.0f;
   if (cfg.score == ScoreFunction::kSoftmax) {
-    for (int e = 0; e < num_experts; ++e) max_logit = fmaxf(max_logit, static_cast<float>(logits[e]));
+    for (int e = 0; e < num_experts; ++e) max_logit = fmaxf(max_logit, logit(e));
     denominator = 0.0f;
-    for (int e = 0; e < num_experts; ++e) denominator += expf(static_cast<float>(logits[e]) - max_logit);
+    for (int e = 0; e < num_experts; ++e) denominator += expf(logit(e) - max_logit);
   }
   auto score = [&](int e) {
-    const float x = static_cast<float>(logits[e]);
+    const float x = logit(e);
     return cfg.score == ScoreFunction::kSoftmax ? expf(x - max_logit) / denominator
                                                 : 1.0f / (1.0f + expf(-x));
   };

@@ -72,7 +72,8 @@ std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits, int64_t t
     float* weights_ptr = weights.data_ptr<float>();
     at::parallel_for(0, num_tokens, 64, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        core::route_token(logits_ptr + t * config.num_experts, bias_ptr, config,
+        const scalar_t* row = logits_ptr + t * config.num_experts;
+        core::route_token([row](int e) { return static_cast<float>(row[e]); }, bias_ptr, config,
                           ids_ptr + t * top_k, weights_ptr + t * top_k);
       }
     });

@@ -1,0 +1,89 @@
+// expert_ffn building blocks: the fused gated activation and a row-major GEMM over cuBLAS.
+#include "ops/kernels/dtype.cuh"
+
+namespace moe_ep::kernels {
+namespace {
+
+constexpr int kActivationThreads = 256;
+
+template <Activation kAct>
+__device__ __forceinline__ float activate(float x) {
+  if constexpr (kAct == Activation::kSiluAndMul) {
+    return x / (1.0f + expf(-x));
+  } else {
+    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));  // exact (erf) GELU
+  }
+}
+
+// One block row-strip per input row; N-element packs along the FFN dimension.
+template <typename T, int N, Activation kAct>
+__global__ void gated_activation_kernel(const T* __restrict__ gate_up, int64_t ffn,
+                                        T* __restrict__ out) {
+  using P = Pack<T, N>;
+  const int64_t r = blockIdx.x;
+  const P* gate = reinterpret_cast<const P*>(gate_up + r * 2 * ffn);
+  const P* up = reinterpret_cast<const P*>(gate_up + r * 2 * ffn + ffn);
+  P* dst = reinterpret_cast<P*>(out + r * ffn);
+  for (int64_t p = threadIdx.x; p < ffn / N; p += blockDim.x) {
+    const P g = gate[p], u = up[p];
+    P y;
+#pragma unroll
+    for (int i = 0; i < N; ++i) y.v[i] = from_float<T>(activate<kAct>(to_float(g.v[i])) * to_float(u.v[i]));
+    dst[p] = y;
+  }
+}
+
+cudaDataType_t cuda_type(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return CUDA_R_16F;
+    case DType::kBFloat16:
+      return CUDA_R_16BF;
+    default:
+      return CUDA_R_32F;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_gated_activation(const void* gate_up, DType dtype, int64_t rows, int64_t ffn,
+                                    Activation activation, void* out, cudaStream_t stream) {
+  if (rows == 0 || ffn == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    // gate and up start ffn elements apart: the pack must divide ffn for both to align.
+    const int n = pack_width<T>(ffn, gate_up, out);
+    return dispatch_pack(n, [&](auto pack) {
+      constexpr int N = decltype(pack)::value;
+      if constexpr (N * sizeof(T) > 16) {
+        return cudaErrorInvalidValue;  // never chosen by pack_width
+      } else {
+        const auto blocks = static_cast<unsigned>(rows);
+        const auto* src = static_cast<const T*>(gate_up);
+        auto* dst = static_cast<T*>(out);
+        if (activation == Activation::kSiluAndMul) {
+          gated_activation_kernel<T, N, Activation::kSiluAndMul>
+              <<<blocks, kActivationThreads, 0, stream>>>(src, ffn, dst);
+        } else {
+          gated_activation_kernel<T, N, Activation::kGeluAndMul>
+              <<<blocks, kActivationThreads, 0, stream>>>(src, ffn, dst);
+        }
+        return cudaGetLastError();
+      }
+    });
+  });
+}
+
+cublasStatus_t gemm_nt(cublasHandle_t handle, DType dtype, int64_t m, int64_t n, int64_t k,
+                       const void* a, const void* b, void* c) {
+  // Row-major C[m, n] = A[m, k] B[n, k]^T is column-major C^T[n, m] = B A^T: cuBLAS sees B
+  // (column-major [k, n], transposed) times A (column-major [k, m]).
+  const float alpha = 1.0f, beta = 0.0f;
+  const cudaDataType_t type = cuda_type(dtype);
+  return cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
+                      static_cast<int>(k), &alpha, b, type, static_cast<int>(k), a, type,
+                      static_cast<int>(k), &beta, c, type, static_cast<int>(n), CUBLAS_COMPUTE_32F,
+                      CUBLAS_GEMM_DEFAULT);
+}
+
+}  // namespace moe_ep::kernels
