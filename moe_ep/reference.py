@@ -50,7 +50,9 @@ def route(
     return ids, weights * scaling
 
 
-def gated_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, activation: str) -> torch.Tensor:
+def gated_ffn(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, activation: str
+) -> torch.Tensor:
     """One expert in float64: (act(x w1^T) * (x w3^T)) w2^T with w13 = cat(w1, w3)."""
     gate, up = (x.double() @ w13.double().T).chunk(2, dim=-1)
     act = F.silu(gate) if activation == "silu" else F.gelu(gate)
@@ -58,7 +60,10 @@ def gated_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, activation: 
 
 
 def expert_ffn(
-    x: torch.Tensor, expert_offsets: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+    x: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
     activation: str = "silu",
 ) -> torch.Tensor:
     """Rows grouped by expert, float64 result."""

@@ -118,7 +118,8 @@ MOE_EP_HD inline void route_token(LogitFn logit, const float* bias, const RouteC
     last_value = pick_value;
     last_index = pick;
   }
-  const float factor = (cfg.renormalize && weight_sum > 0.0f) ? cfg.scaling / weight_sum : cfg.scaling;
+  const float factor =
+      (cfg.renormalize && weight_sum > 0.0f) ? cfg.scaling / weight_sum : cfg.scaling;
   for (int j = 0; j < cfg.top_k; ++j) weights[j] *= factor;
 }
 

@@ -9,13 +9,13 @@
 namespace moe_ep::ops {
 
 inline void check_dim(const at::Tensor& t, int64_t dim, std::string_view name) {
-  TORCH_CHECK(t.dim() == dim, "moe_ep: argument '", name, "' must be ", dim,
-              "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == dim, "moe_ep: argument '", name, "' must be ", dim, "-D, got shape ",
+              t.sizes());
 }
 
 inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, std::string_view name) {
-  TORCH_CHECK(t.scalar_type() == dtype, "moe_ep: argument '", name, "' must be ", dtype,
-              ", got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, "moe_ep: argument '", name, "' must be ", dtype, ", got ",
+              t.scalar_type());
 }
 
 inline void check_float_dtype(const at::Tensor& t, std::string_view name) {

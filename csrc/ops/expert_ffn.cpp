@@ -30,7 +30,8 @@ Activation check_expert_ffn_args(const at::Tensor& x, const at::Tensor& expert_o
   check_dtype(expert_offsets, at::kLong, "expert_offsets");
   check_size(expert_offsets, 0, num_experts + 1, "expert_offsets");
   TORCH_CHECK(activation == "silu" || activation == "gelu",
-              "moe_ep: argument 'activation' must be \"silu\" or \"gelu\", got \"", activation, "\"");
+              "moe_ep: argument 'activation' must be \"silu\" or \"gelu\", got \"", activation,
+              "\"");
   return activation == "silu" ? Activation::kSiluAndMul : Activation::kGeluAndMul;
 }
 
@@ -56,7 +57,8 @@ at::Tensor gated_activation(const at::Tensor& gate_up, Activation activation) {
   const int64_t ffn = gate_up.size(1) / 2;
   const at::Tensor gate = gate_up.narrow(1, 0, ffn).to(at::kFloat);
   const at::Tensor up = gate_up.narrow(1, ffn, ffn).to(at::kFloat);
-  const at::Tensor activated = activation == Activation::kSiluAndMul ? at::silu(gate) : at::gelu(gate);
+  const at::Tensor activated =
+      activation == Activation::kSiluAndMul ? at::silu(gate) : at::gelu(gate);
   return (activated * up).to(gate_up.scalar_type());
 }
 

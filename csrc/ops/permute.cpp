@@ -90,26 +90,27 @@ at::Tensor unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& row_of,
                 high.item<int32_t>(), "]");
   }
   at::Tensor out = at::empty({num_tokens, width}, input.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "unpermute_cpu", [&] {
-    const scalar_t* src = input.data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    const int32_t* row_ptr = rows.data_ptr<int32_t>();
-    const float* weight_ptr = weights.data_ptr<float>();
-    at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(width);
-      for (int64_t t = begin; t < end; ++t) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t j = 0; j < top_k; ++j) {
-          const int32_t row = row_ptr[t * top_k + j];
-          if (row < 0) continue;
-          const float w = weight_ptr[t * top_k + j];
-          const scalar_t* x = src + row * width;
-          for (int64_t h = 0; h < width; ++h) acc[h] += w * static_cast<float>(x[h]);
-        }
-        for (int64_t h = 0; h < width; ++h) dst[t * width + h] = static_cast<scalar_t>(acc[h]);
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "unpermute_cpu", [&] {
+        const scalar_t* src = input.data_ptr<scalar_t>();
+        scalar_t* dst = out.data_ptr<scalar_t>();
+        const int32_t* row_ptr = rows.data_ptr<int32_t>();
+        const float* weight_ptr = weights.data_ptr<float>();
+        at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
+          std::vector<float> acc(width);
+          for (int64_t t = begin; t < end; ++t) {
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (int64_t j = 0; j < top_k; ++j) {
+              const int32_t row = row_ptr[t * top_k + j];
+              if (row < 0) continue;
+              const float w = weight_ptr[t * top_k + j];
+              const scalar_t* x = src + row * width;
+              for (int64_t h = 0; h < width; ++h) acc[h] += w * static_cast<float>(x[h]);
+            }
+            for (int64_t h = 0; h < width; ++h) dst[t * width + h] = static_cast<scalar_t>(acc[h]);
+          }
+        });
+      });
   return out;
 }
 

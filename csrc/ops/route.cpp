@@ -28,8 +28,8 @@ core::RouteConfig route_config(const at::Tensor& logits, int64_t top_k, std::str
     check_size(*bias, 0, num_experts, "bias");
     check_same_device(*bias, logits, "bias", "logits");
   }
-  TORCH_CHECK(n_group >= 1 && n_group <= core::kMaxGroups, "moe_ep: argument 'n_group' must be in [1, ",
-              core::kMaxGroups, "], got ", n_group);
+  TORCH_CHECK(n_group >= 1 && n_group <= core::kMaxGroups,
+              "moe_ep: argument 'n_group' must be in [1, ", core::kMaxGroups, "], got ", n_group);
   if (n_group > 1) {
     TORCH_CHECK(num_experts % n_group == 0, "moe_ep: argument 'n_group' (", n_group,
                 ") must divide the number of experts (", num_experts, ")");
@@ -43,7 +43,8 @@ core::RouteConfig route_config(const at::Tensor& logits, int64_t top_k, std::str
   core::RouteConfig config;
   config.num_experts = static_cast<int>(num_experts);
   config.top_k = static_cast<int>(top_k);
-  config.score = score_func == "softmax" ? core::ScoreFunction::kSoftmax : core::ScoreFunction::kSigmoid;
+  config.score =
+      score_func == "softmax" ? core::ScoreFunction::kSoftmax : core::ScoreFunction::kSigmoid;
   config.n_group = static_cast<int>(n_group);
   config.topk_group = n_group > 1 ? static_cast<int>(topk_group) : 1;
   config.renormalize = renormalize;
@@ -55,9 +56,8 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits, int64_t top_k,
                                              std::string_view score_func,
-                                             const std::optional<at::Tensor>& bias,
-                                             int64_t n_group, int64_t topk_group,
-                                             bool renormalize, double scaling) {
+                                             const std::optional<at::Tensor>& bias, int64_t n_group,
+                                             int64_t topk_group, bool renormalize, double scaling) {
   const core::RouteConfig config =
       route_config(logits, top_k, score_func, bias, n_group, topk_group, renormalize, scaling);
   const at::Tensor input = logits.contiguous();

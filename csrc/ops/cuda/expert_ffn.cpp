@@ -37,19 +37,21 @@ at::Tensor expert_ffn_cuda(const at::Tensor& x, const at::Tensor& expert_offsets
   };
   auto experts = [&](auto&& gemm) {
     for (size_t e = 0; e + 1 < offsets.size(); ++e) {
-      if (offsets[e + 1] > offsets[e]) gemm(static_cast<int64_t>(e), offsets[e], offsets[e + 1] - offsets[e]);
+      if (offsets[e + 1] > offsets[e])
+        gemm(static_cast<int64_t>(e), offsets[e], offsets[e + 1] - offsets[e]);
     }
   };
   experts([&](int64_t e, int64_t first, int64_t count) {
-    check_cublas(kernels::gemm_nt(handle, dtype, count, 2 * ffn, hidden, at_row(input, first, hidden),
-                                  at_row(gate_up_w, e * 2 * ffn, hidden), at_row(gate_up, first, 2 * ffn)),
-                 "gate/up GEMM");
+    check_cublas(
+        kernels::gemm_nt(handle, dtype, count, 2 * ffn, hidden, at_row(input, first, hidden),
+                         at_row(gate_up_w, e * 2 * ffn, hidden), at_row(gate_up, first, 2 * ffn)),
+        "gate/up GEMM");
   });
-  C10_CUDA_CHECK(kernels::launch_gated_activation(
-      gate_up.data_ptr(), dtype, rows, ffn,
-      act == Activation::kSiluAndMul ? kernels::Activation::kSiluAndMul
-                                     : kernels::Activation::kGeluAndMul,
-      activated.data_ptr(), current_stream()));
+  C10_CUDA_CHECK(kernels::launch_gated_activation(gate_up.data_ptr(), dtype, rows, ffn,
+                                                  act == Activation::kSiluAndMul
+                                                      ? kernels::Activation::kSiluAndMul
+                                                      : kernels::Activation::kGeluAndMul,
+                                                  activated.data_ptr(), current_stream()));
   experts([&](int64_t e, int64_t first, int64_t count) {
     check_cublas(kernels::gemm_nt(handle, dtype, count, hidden, ffn, at_row(activated, first, ffn),
                                   at_row(down_w, e * hidden, ffn), at_row(out, first, hidden)),

@@ -10,8 +10,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> route_cuda(const at::Tensor& logits, int64_t top_k,
                                               std::string_view score_func,
                                               const std::optional<at::Tensor>& bias,
-                                              int64_t n_group, int64_t topk_group,
-                                              bool renormalize, double scaling) {
+                                              int64_t n_group, int64_t topk_group, bool renormalize,
+                                              double scaling) {
   const core::RouteConfig config =
       route_config(logits, top_k, score_func, bias, n_group, topk_group, renormalize, scaling);
   const c10::cuda::CUDAGuard device_guard(logits.device());

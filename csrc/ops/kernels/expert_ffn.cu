@@ -28,7 +28,8 @@ __global__ void gated_activation_kernel(const T* __restrict__ gate_up, int64_t f
     const P g = gate[p], u = up[p];
     P y;
 #pragma unroll
-    for (int i = 0; i < N; ++i) y.v[i] = from_float<T>(activate<kAct>(to_float(g.v[i])) * to_float(u.v[i]));
+    for (int i = 0; i < N; ++i)
+      y.v[i] = from_float<T>(activate<kAct>(to_float(g.v[i])) * to_float(u.v[i]));
     dst[p] = y;
   }
 }

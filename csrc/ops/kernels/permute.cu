@@ -42,8 +42,8 @@ __global__ void count_kernel(const int32_t* __restrict__ ids, int64_t num_items,
 }
 
 // One block. chunk_counts[c][e] becomes the first sorted position of chunk c's ids of e.
-__global__ void scan_kernel(int32_t* __restrict__ chunk_counts, int64_t chunks,
-                            int32_t num_experts, int64_t* __restrict__ expert_offsets) {
+__global__ void scan_kernel(int32_t* __restrict__ chunk_counts, int64_t chunks, int32_t num_experts,
+                            int64_t* __restrict__ expert_offsets) {
   extern __shared__ int64_t totals[];
   for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
     int64_t running = 0;
@@ -74,8 +74,8 @@ __global__ void scan_kernel(int32_t* __restrict__ chunk_counts, int64_t chunks,
 }
 
 // One warp per chunk.
-__global__ void rank_kernel(const int32_t* __restrict__ ids, int64_t num_items,
-                            int32_t num_experts, const int32_t* __restrict__ chunk_counts,
+__global__ void rank_kernel(const int32_t* __restrict__ ids, int64_t num_items, int32_t num_experts,
+                            const int32_t* __restrict__ chunk_counts,
                             int32_t* __restrict__ row_of) {
   extern __shared__ int32_t cursor[];
   const int lane = threadIdx.x;
@@ -158,8 +158,8 @@ cudaError_t launch_permute_layout(const int32_t* topk_ids, int64_t num_items, in
     count_kernel<<<static_cast<unsigned>(chunks), kCountThreads, counts_bytes, stream>>>(
         topk_ids, num_items, num_experts, scratch, invalid_ids);
   }
-  scan_kernel<<<1, kScanThreads, num_experts * sizeof(int64_t), stream>>>(scratch, chunks,
-                                                                          num_experts, expert_offsets);
+  scan_kernel<<<1, kScanThreads, num_experts * sizeof(int64_t), stream>>>(
+      scratch, chunks, num_experts, expert_offsets);
   if (chunks > 0) {
     rank_kernel<<<static_cast<unsigned>(chunks), kWarp, counts_bytes, stream>>>(
         topk_ids, num_items, num_experts, scratch, row_of);

@@ -28,8 +28,8 @@ cudaError_t launch_route(const void* logits, DType dtype, const float* bias,
   const auto blocks = static_cast<unsigned>((num_tokens + kRouteThreads - 1) / kRouteThreads);
   return dispatch_dtype(dtype, [&](auto zero) {
     using T = decltype(zero);
-    route_kernel<T><<<blocks, kRouteThreads, 0, stream>>>(static_cast<const T*>(logits), bias, config,
-                                                          num_tokens, topk_ids, topk_weights);
+    route_kernel<T><<<blocks, kRouteThreads, 0, stream>>>(
+        static_cast<const T*>(logits), bias, config, num_tokens, topk_ids, topk_weights);
     return cudaGetLastError();
   });
 }

@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+CUDA_SKIP = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device on this machine"
+)
+
+# cpu always; cuda where a GPU is present (skipped with a reason elsewhere).
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_SKIP)]
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Relative tolerance (error over the reference's largest magnitude) for results that pass
+# through one rounding to the dtype per stage: fp32 accumulation everywhere.
+RELATIVE_TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype):
+    """max |actual - expected| <= tol(dtype) * max |expected| (expected in float64)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    if expected.numel() == 0:
+        return
+    error = (actual.double().cpu() - expected.double().cpu()).abs().max().item()
+    scale = max(expected.double().abs().max().item(), 1e-6)
+    assert error <= RELATIVE_TOLERANCE[dtype] * scale, f"error {error:.3e} vs scale {scale:.3e}"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # Fresh random inputs per test, reproducible from the test's name.
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))
