@@ -5,14 +5,16 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moe_ep import ops
+from moe_ep import dispatcher, ops
+from moe_ep.dispatcher import ExpertPlacement
 
 
 class MoELayer(nn.Module):
-    """A routed Mixture-of-Experts FFN (single rank: all experts local).
+    """A routed Mixture-of-Experts FFN, on one rank or expert-parallel over a process group.
 
     Args:
         hidden: H, the token dimension.
@@ -24,8 +26,13 @@ class MoELayer(nn.Module):
             e_score_correction_bias); it changes which experts are chosen, not the weights.
         activation: "silu" or "gelu" (gated).
         dtype, device: of the expert weights; the router weight is float32.
+        group: the expert-parallel process group; None keeps every expert on this rank.
+        placement: which rank hosts which expert (default: contiguous blocks); identical on
+            every rank. This rank holds only its local experts' weights (w13, w2); the router
+            weight and bias are replicated. Load them with load_full_weights.
 
-    Input [..., H] in the experts' dtype; output of the same shape and dtype.
+    Input [..., H] in the experts' dtype; output of the same shape and dtype. Under expert
+    parallelism every rank of the group must call forward together (T may differ, even be 0).
     """
 
     def __init__(
@@ -44,8 +51,24 @@ class MoELayer(nn.Module):
         activation: str = "silu",
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
+        group: dist.ProcessGroup | None = None,
+        placement: ExpertPlacement | None = None,
     ) -> None:
         super().__init__()
+        self.group = group
+        if group is not None:
+            placement = placement or ExpertPlacement.contiguous(num_experts, group.size())
+            if placement.world_size != group.size() or placement.num_experts != num_experts:
+                raise ValueError(
+                    f"placement covers {placement.num_experts} experts on {placement.world_size} "
+                    f"ranks, the layer has {num_experts} experts on {group.size()} ranks"
+                )
+            self.placement = placement.to(device or "cpu")
+            self.local_expert_ids = placement.local_experts(group.rank())
+        else:
+            self.placement = None
+            self.local_expert_ids = list(range(num_experts))
+        local = len(self.local_expert_ids)
         self.hidden, self.ffn_hidden = hidden, ffn_hidden
         self.num_experts, self.top_k = num_experts, top_k
         self.score_func, self.n_group, self.topk_group = score_func, n_group, topk_group
@@ -56,11 +79,11 @@ class MoELayer(nn.Module):
             requires_grad=False,
         )
         self.w13 = nn.Parameter(
-            torch.empty(num_experts, 2 * ffn_hidden, hidden, dtype=dtype, device=device),
+            torch.empty(local, 2 * ffn_hidden, hidden, dtype=dtype, device=device),
             requires_grad=False,
         )
         self.w2 = nn.Parameter(
-            torch.empty(num_experts, hidden, ffn_hidden, dtype=dtype, device=device),
+            torch.empty(local, hidden, ffn_hidden, dtype=dtype, device=device),
             requires_grad=False,
         )
         if expert_bias:
@@ -77,6 +100,22 @@ class MoELayer(nn.Module):
         nn.init.normal_(self.gate_weight, std=1.0 / math.sqrt(self.hidden))
         nn.init.normal_(self.w13, std=1.0 / math.sqrt(self.hidden))
         nn.init.normal_(self.w2, std=1.0 / math.sqrt(self.ffn_hidden))
+
+    @torch.no_grad()
+    def load_full_weights(
+        self,
+        gate_weight: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        expert_bias: torch.Tensor | None = None,
+    ) -> None:
+        """Loads this rank's shard from all-expert weights ([E, H], [E, 2F, H], [E, H, F])."""
+        local = torch.tensor(self.local_expert_ids, dtype=torch.long, device=w13.device)
+        self.gate_weight.copy_(gate_weight)
+        self.w13.copy_(w13.index_select(0, local))
+        self.w2.copy_(w2.index_select(0, local))
+        if expert_bias is not None:
+            self.expert_bias.copy_(expert_bias)
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """float32 [T, E] logits of the flattened tokens."""
@@ -97,10 +136,17 @@ class MoELayer(nn.Module):
     def experts(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
-        """The routed experts for given routing: permute, grouped FFN, weighted combine."""
-        permuted, offsets, row_of = ops.permute(x, topk_ids, self.num_experts)
-        y = ops.expert_ffn(permuted, offsets, self.w13, self.w2, self.activation)
-        return ops.unpermute(y, row_of, topk_weights)
+        """The routed experts for given routing: on one rank permute, grouped FFN and
+        weighted combine; over a group dispatch, local grouped FFN and combine."""
+        if self.group is None:
+            permuted, offsets, row_of = ops.permute(x, topk_ids, self.num_experts)
+            y = ops.expert_ffn(permuted, offsets, self.w13, self.w2, self.activation)
+            return ops.unpermute(y, row_of, topk_weights)
+        received = dispatcher.dispatch(x, topk_ids, topk_weights, self.placement, self.group)
+        # Ranks with fewer experts than the widest one ignore the empty trailing groups.
+        offsets = received.expert_offsets[: self.w13.shape[0] + 1]
+        y = ops.expert_ffn(received.x_sorted, offsets, self.w13, self.w2, self.activation)
+        return dispatcher.combine(y, received, self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, self.hidden)

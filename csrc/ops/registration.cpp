@@ -18,4 +18,28 @@ TORCH_LIBRARY(moe_ep, m) {
       "str activation=\"silu\") -> Tensor");
   // Local combine: out[t] = sum_j topk_weights[t, j] * expert_out[row_of[t, j]].
   m.def("unpermute(Tensor expert_out, Tensor row_of, Tensor topk_weights) -> Tensor");
+
+  // Expert parallelism (csrc/ops/dispatch.cpp). The expert map gives, for each expert id that
+  // topk_ids may hold, its rank (expert_rank) and its index among that rank's experts
+  // (expert_local). A token goes once to each rank that hosts one of its choices.
+  // dispatch_layout: what dispatch would send, without communicating. Returns
+  // (send_counts int64 [world], entry_counts int64 [world], send_token int64 [S],
+  //  send_local_ids int32 [S, W], send_choice int64 [S, W], token_slot int32 [T, k]),
+  // W = min(k, num_local_experts).
+  m.def(
+      "dispatch_layout(Tensor topk_ids, Tensor expert_rank, Tensor expert_local, int world_size, "
+      "int num_local_experts) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Exact-size dispatch over the process group named group_name. Returns the received rows
+  // grouped by local expert (x_sorted [V, H], expert_offsets int64 [L+1]), what combine needs
+  // (recv_row_of int32 [R, W], recv_weights float32 [R, W], recv_counts and send_counts int64
+  // [world] on the CPU, token_slot int32 [T, k]).
+  m.def(
+      "dispatch(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor expert_rank, "
+      "Tensor expert_local, int num_local_experts, str group_name) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Weighted reduction of the expert outputs on the receiving rank, the reverse all-to-all,
+  // and the sum of each token's partial rows in its original order: [T, H].
+  m.def(
+      "combine(Tensor y_sorted, Tensor recv_row_of, Tensor recv_weights, Tensor recv_counts, "
+      "Tensor send_counts, Tensor token_slot, str group_name) -> Tensor");
 }

@@ -1,0 +1,327 @@
+// Expert-parallel dispatch and combine over a torch.distributed process group.
+//
+// Token batching: a token goes once to each destination rank that hosts at least one of its
+// k experts, carrying the receiver-local expert ids and weights of the choices there (up to
+// `slot_width` = min(k, local experts per rank) of them). The receiver groups the received
+// (row, local expert) entries by expert for expert_ffn, reduces each row's entries with its
+// weights before sending it back, and the source adds the partial rows of its destinations.
+//
+// The process group is resolved in C++ from its name (PyTorch's functional-collective idiom):
+// CUDA tensors travel over the group's CUDA backend (NCCL), CPU tensors over Gloo, and a CUDA
+// tensor on a group without a CUDA backend is staged through pinned host memory.
+//
+// The layout arithmetic is written with device-generic ATen ops, so the same code serves CPU
+// and CUDA tensors.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <algorithm>
+#include <string>
+
+#include "ops/checks.h"
+
+namespace moe_ep::ops {
+namespace {
+
+struct Layout {
+  at::Tensor send_counts;     // int64 [world]: rows sent to each rank
+  at::Tensor entry_counts;    // int64 [world]: (token, choice) pairs sent to each rank
+  at::Tensor send_token;      // int64 [S]: source token of each sent row, by rank then token
+  at::Tensor send_local_ids;  // int32 [S, slot_width]: receiver-local expert ids, -1 padded
+  at::Tensor send_choice;     // int64 [S, slot_width]: the choice j behind each slot, -1 padded
+  at::Tensor token_slot;      // int32 [T, k]: sent row of a token's first choice per rank, else -1
+};
+
+void check_expert_map(const at::Tensor& expert_rank, const at::Tensor& expert_local,
+                      const at::Tensor& topk_ids) {
+  check_dim(expert_rank, 1, "expert_rank");
+  check_dtype(expert_rank, at::kInt, "expert_rank");
+  check_dim(expert_local, 1, "expert_local");
+  check_dtype(expert_local, at::kInt, "expert_local");
+  check_size(expert_local, 0, expert_rank.size(0), "expert_local");
+  check_same_device(expert_rank, topk_ids, "expert_rank", "topk_ids");
+  check_same_device(expert_local, topk_ids, "expert_local", "topk_ids");
+}
+
+// The map's values: ranks in [0, world_size), local ids in [0, num_local_experts).
+void check_map_values(const at::Tensor& expert_rank, const at::Tensor& expert_local,
+                      int64_t world_size, int64_t num_local_experts) {
+  if (expert_rank.numel() == 0) return;
+  const at::Tensor bounds =
+      at::stack({expert_rank.min(), expert_rank.max(), expert_local.min(), expert_local.max()})
+          .cpu();
+  const auto v = bounds.accessor<int32_t, 1>();
+  TORCH_CHECK(v[0] >= 0 && v[1] < world_size, "moe_ep: argument 'expert_rank' must hold ranks in ",
+              "[0, ", world_size, "), got values in [", v[0], ", ", v[1], "]");
+  TORCH_CHECK(v[2] >= 0 && v[3] < num_local_experts, "moe_ep: argument 'expert_local' must hold ",
+              "local expert ids in [0, num_local_experts=", num_local_experts, "), got values in [",
+              v[2], ", ", v[3], "]");
+}
+
+// True when every id lies in [0, num_experts) (one device-to-host read on CUDA).
+bool ids_in_range(const at::Tensor& topk_ids, int64_t num_experts) {
+  if (topk_ids.numel() == 0) return true;
+  const auto [low, high] = at::aminmax(topk_ids);
+  const at::Tensor bounds = at::stack({low, high}).cpu();
+  return bounds[0].item<int64_t>() >= 0 && bounds[1].item<int64_t>() < num_experts;
+}
+
+Layout compute_layout(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
+                      const at::Tensor& expert_local, int64_t world_size, int64_t slot_width) {
+  const int64_t num_tokens = topk_ids.size(0), top_k = topk_ids.size(1);
+  const auto long_options = topk_ids.options().dtype(at::kLong);
+  const at::Tensor ids = topk_ids.to(at::kLong).reshape({-1});
+  const at::Tensor dest = expert_rank.index_select(0, ids).to(at::kLong).view({num_tokens, top_k});
+  const at::Tensor local = expert_local.index_select(0, ids).view({num_tokens, top_k});
+
+  // Position of each choice among the earlier choices of its token that go to the same rank.
+  const at::Tensor same_rank = dest.unsqueeze(2) == dest.unsqueeze(1);
+  const at::Tensor earlier =
+      at::ones({top_k, top_k}, same_rank.options()).tril(-1);  // [j, j'] = j' < j
+  const at::Tensor position = (same_rank & earlier).sum(2);
+  TORCH_CHECK(num_tokens == 0 || position.max().item<int64_t>() < slot_width,
+              "moe_ep: a token has more choices on one rank than 'num_local_experts' allows");
+
+  // One row per (rank, token) pair that has at least one choice, ordered by rank then token.
+  at::Tensor goes_to = at::zeros({world_size, num_tokens}, long_options);
+  goes_to.index_put_(
+      {dest.reshape({-1}), at::arange(num_tokens, long_options).repeat_interleave(top_k)},
+      at::ones({1}, long_options));
+  Layout layout;
+  layout.send_counts = goes_to.sum(1);
+  layout.entry_counts = at::bincount(dest.reshape({-1}), {}, world_size);
+  layout.send_token = goes_to.reshape({-1}).nonzero().view({-1}).remainder(num_tokens);
+  const at::Tensor row_index = goes_to.reshape({-1}).cumsum(0) - 1;
+  const at::Tensor token_index = at::arange(num_tokens, long_options).unsqueeze(1).expand_as(dest);
+  const at::Tensor row_of_choice =
+      row_index.index_select(0, (dest * num_tokens + token_index).reshape({-1}));
+
+  const int64_t rows = layout.send_token.size(0);
+  layout.send_local_ids = at::full({rows, slot_width}, -1, topk_ids.options().dtype(at::kInt));
+  layout.send_local_ids.index_put_({row_of_choice, position.reshape({-1})}, local.reshape({-1}));
+  layout.send_choice = at::full({rows, slot_width}, -1, long_options);
+  layout.send_choice.index_put_({row_of_choice, position.reshape({-1})},
+                                at::arange(top_k, long_options).repeat({num_tokens}));
+  layout.token_slot =
+      at::where(position == 0, row_of_choice.view({num_tokens, top_k}), -1).to(at::kInt);
+  return layout;
+}
+
+// Devices the group can carry directly; a CUDA tensor on a CPU-only group is staged.
+bool group_carries(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const at::Tensor& t) {
+  const auto devices = group->getDeviceTypes();
+  return std::any_of(devices.begin(), devices.end(),
+                     [&](const c10::Device& d) { return d.type() == t.device().type(); });
+}
+
+// Variable-size all-to-all of the rows of `input` (row splits per rank). Blocking.
+at::Tensor all_to_all_rows(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                           const at::Tensor& input, std::vector<int64_t> send_rows,
+                           std::vector<int64_t> recv_rows) {
+  int64_t total = 0;
+  for (const int64_t n : recv_rows) total += n;
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape[0] = total;
+  const bool stage = !group_carries(group, input);
+  at::Tensor send = stage ? input.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true).contiguous()
+                          : input.contiguous();
+  at::Tensor recv = at::empty(shape, send.options().pinned_memory(stage && input.is_cuda()));
+  if (stage && input.is_cuda()) send = send.pin_memory();
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  // alltoall_base: the name that every torch >= 2.4 has (newer ones alias it).
+  group->alltoall_base(recv, send, recv_rows, send_rows)->wait();
+#pragma GCC diagnostic pop
+  return stage ? recv.to(input.device(), /*non_blocking=*/false) : recv;
+}
+
+std::vector<int64_t> host_values(const at::Tensor& t) {
+  const at::Tensor host = t.to(at::kCPU, at::kLong).contiguous();
+  return {host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel()};
+}
+
+// Per-peer header of the first exchange. Everything a rank must agree on travels with the
+// counts, so a mismatch raises on every rank instead of leaving some waiting forever.
+enum Header : int64_t { kRows, kEntries, kHidden, kExperts, kDtype, kBadIds, kHeaderSize };
+
+std::vector<int64_t> exchange_headers(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                                      const at::Tensor& counts, const at::Tensor& entries,
+                                      int64_t hidden, int64_t num_experts, at::ScalarType dtype,
+                                      bool bad_ids, const at::Device& device) {
+  const int64_t world = group->getSize();
+  const std::vector<int64_t> rows = host_values(counts), pairs = host_values(entries);
+  at::Tensor header = at::empty({world, kHeaderSize}, at::kLong);
+  int64_t* h = header.data_ptr<int64_t>();
+  for (int64_t peer = 0; peer < world; ++peer) {
+    int64_t* row = h + peer * kHeaderSize;
+    row[kRows] = rows[peer];
+    row[kEntries] = pairs[peer];
+    row[kHidden] = hidden;
+    row[kExperts] = num_experts;
+    row[kDtype] = static_cast<int64_t>(dtype);
+    row[kBadIds] = bad_ids;
+  }
+  const std::vector<int64_t> ones(world, 1);
+  const at::Tensor received = all_to_all_rows(group, header.to(device), ones, ones);
+  const std::vector<int64_t> values = host_values(received);
+  for (int64_t peer = 0; peer < world; ++peer) {
+    const int64_t* row = values.data() + peer * kHeaderSize;
+    TORCH_CHECK(row[kBadIds] == 0, "moe_ep: dispatch: rank ", peer, " passed an argument ",
+                "'topk_ids' with an expert id outside [0, ", row[kExperts], ")");
+    TORCH_CHECK(row[kHidden] == hidden, "moe_ep: dispatch: ranks disagree on the hidden size ",
+                "(argument 'x'): rank ", peer, " has ", row[kHidden], ", rank ", group->getRank(),
+                " has ", hidden);
+    TORCH_CHECK(row[kExperts] == num_experts, "moe_ep: dispatch: ranks disagree on the number ",
+                "of experts (argument 'expert_rank'): rank ", peer, " has ", row[kExperts],
+                ", rank ", group->getRank(), " has ", num_experts);
+    TORCH_CHECK(row[kDtype] == static_cast<int64_t>(dtype), "moe_ep: dispatch: ranks disagree ",
+                "on the dtype of argument 'x'");
+  }
+  return values;
+}
+
+c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_name) {
+  TORCH_CHECK(c10d::is_process_group_registered(group_name),
+              "moe_ep: argument 'group_name': ", "no process group is registered as \"", group_name,
+              "\"");
+  return c10d::resolve_process_group(group_name);
+}
+
+at::Tensor unpermute(const at::Tensor& rows, const at::Tensor& row_of, const at::Tensor& weights) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("moe_ep::unpermute", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(rows, row_of, weights);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+dispatch_layout_impl(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
+                     const at::Tensor& expert_local, int64_t world_size,
+                     int64_t num_local_experts) {
+  check_dim(topk_ids, 2, "topk_ids");
+  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
+              "moe_ep: argument 'topk_ids' must be int32 or int64, got ", topk_ids.scalar_type());
+  check_expert_map(expert_rank, expert_local, topk_ids);
+  TORCH_CHECK(world_size >= 1, "moe_ep: argument 'world_size' must be >= 1, got ", world_size);
+  TORCH_CHECK(num_local_experts >= 1, "moe_ep: argument 'num_local_experts' must be >= 1");
+  check_map_values(expert_rank, expert_local, world_size, num_local_experts);
+  TORCH_CHECK(ids_in_range(topk_ids, expert_rank.size(0)), "moe_ep: argument 'topk_ids' holds ",
+              "an expert id outside [0, ", expert_rank.size(0), ")");
+  const Layout l = compute_layout(topk_ids, expert_rank, expert_local, world_size,
+                                  std::min(topk_ids.size(1), num_local_experts));
+  return {l.send_counts,    l.entry_counts, l.send_token,
+          l.send_local_ids, l.send_choice,  l.token_slot};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+dispatch_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+              const at::Tensor& expert_rank, const at::Tensor& expert_local,
+              int64_t num_local_experts, std::string_view group_name) {
+  check_dim(x, 2, "x");
+  check_float_dtype(x, "x");
+  check_dim(topk_ids, 2, "topk_ids");
+  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
+              "moe_ep: argument 'topk_ids' must be int32 or int64, got ", topk_ids.scalar_type());
+  check_size(topk_ids, 0, x.size(0), "topk_ids");
+  check_dim(topk_weights, 2, "topk_weights");
+  check_float_dtype(topk_weights, "topk_weights");
+  TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes(), "moe_ep: argument 'topk_weights' must ",
+              "have the shape of 'topk_ids' ", topk_ids.sizes(), ", got ", topk_weights.sizes());
+  check_same_device(topk_ids, x, "topk_ids", "x");
+  check_same_device(topk_weights, x, "topk_weights", "x");
+  check_expert_map(expert_rank, expert_local, topk_ids);
+  TORCH_CHECK(num_local_experts >= 1, "moe_ep: argument 'num_local_experts' must be >= 1");
+  const auto group = resolve_group(std::string(group_name));
+  const int64_t world = group->getSize();
+  const int64_t slot_width = std::min(topk_ids.size(1), num_local_experts);
+  const int64_t num_experts = expert_rank.size(0), hidden = x.size(1);
+  check_map_values(expert_rank, expert_local, world, num_local_experts);
+
+  const bool bad_ids = !ids_in_range(topk_ids, num_experts);
+  const Layout layout = compute_layout(bad_ids ? topk_ids.narrow(0, 0, 0) : topk_ids, expert_rank,
+                                       expert_local, world, slot_width);
+  const std::vector<int64_t> header =
+      exchange_headers(group, layout.send_counts, layout.entry_counts, hidden, num_experts,
+                       x.scalar_type(), bad_ids, x.device());
+  std::vector<int64_t> recv_rows(world);
+  int64_t recv_entries = 0;
+  for (int64_t peer = 0; peer < world; ++peer) {
+    recv_rows[peer] = header[peer * kHeaderSize + kRows];
+    recv_entries += header[peer * kHeaderSize + kEntries];
+  }
+  const std::vector<int64_t> send_rows = host_values(layout.send_counts);
+
+  // Hidden rows, and the routing metadata (local ids + weights as int32 bits) in one message.
+  const at::Tensor x_send = x.index_select(0, layout.send_token);
+  const at::Tensor weights_send = topk_weights.to(at::kFloat)
+                                      .index_select(0, layout.send_token)
+                                      .gather(1, layout.send_choice.clamp_min(0))
+                                      .masked_fill(layout.send_choice < 0, 0.0f);
+  const at::Tensor meta_send = at::cat({layout.send_local_ids, weights_send.view(at::kInt)}, 1);
+  const at::Tensor x_recv = all_to_all_rows(group, x_send, send_rows, recv_rows);
+  const at::Tensor meta_recv = all_to_all_rows(group, meta_send, send_rows, recv_rows);
+  const at::Tensor recv_local = meta_recv.narrow(1, 0, slot_width);
+  const at::Tensor recv_weights =
+      meta_recv.narrow(1, slot_width, slot_width).contiguous().view(at::kFloat);
+
+  // Group the received (row, slot) entries by local expert, stable in arrival order.
+  const at::Tensor flat = recv_local.reshape({-1}).to(at::kLong);
+  const at::Tensor valid = flat >= 0;
+  const at::Tensor key = at::where(valid, flat, num_local_experts);
+  const at::Tensor entries =
+      std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false))
+          .narrow(0, 0, recv_entries);
+  const at::Tensor x_sorted = x_recv.index_select(0, at::floor_divide(entries, slot_width));
+  const auto long_options = flat.options();
+  at::Tensor expert_offsets = at::zeros({num_local_experts + 1}, long_options);
+  expert_offsets.narrow(0, 1, num_local_experts)
+      .copy_(at::bincount(flat.masked_select(valid), {}, num_local_experts).cumsum(0));
+  at::Tensor recv_row_of = at::full({flat.size(0)}, -1, long_options);
+  recv_row_of.index_put_({entries}, at::arange(recv_entries, long_options));
+  return {x_sorted,
+          expert_offsets,
+          recv_row_of.view({-1, slot_width}).to(at::kInt),
+          recv_weights,
+          at::tensor(recv_rows, at::kLong),
+          at::tensor(send_rows, at::kLong),
+          layout.token_slot};
+}
+
+at::Tensor combine_impl(const at::Tensor& y_sorted, const at::Tensor& recv_row_of,
+                        const at::Tensor& recv_weights, const at::Tensor& recv_counts,
+                        const at::Tensor& send_counts, const at::Tensor& token_slot,
+                        std::string_view group_name) {
+  check_dim(token_slot, 2, "token_slot");
+  check_dtype(token_slot, at::kInt, "token_slot");
+  check_dim(recv_counts, 1, "recv_counts");
+  check_dim(send_counts, 1, "send_counts");
+  const auto group = resolve_group(std::string(group_name));
+  TORCH_CHECK(recv_counts.size(0) == group->getSize() && send_counts.size(0) == group->getSize(),
+              "moe_ep: arguments 'recv_counts' and 'send_counts' must have one entry per rank (",
+              group->getSize(), ")");
+  // Each received row leaves as one reduced row: its entries' weighted sum.
+  const at::Tensor partial = unpermute(y_sorted, recv_row_of, recv_weights);
+  const at::Tensor returned =
+      all_to_all_rows(group, partial, host_values(recv_counts), host_values(send_counts));
+  return unpermute(returned, token_slot,
+                   at::ones(token_slot.sizes(), token_slot.options().dtype(at::kFloat)));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe_ep, CPU, m) {
+  m.impl("dispatch_layout", &dispatch_layout_impl);
+  m.impl("dispatch", &dispatch_impl);
+  m.impl("combine", &combine_impl);
+}
+
+TORCH_LIBRARY_IMPL(moe_ep, CUDA, m) {
+  m.impl("dispatch_layout", &dispatch_layout_impl);
+  m.impl("dispatch", &dispatch_impl);
+  m.impl("combine", &combine_impl);
+}
+
+}  // namespace moe_ep::ops

@@ -1,0 +1,217 @@
+"""Token dispatcher for expert parallelism: which rank hosts which expert, and typed wrappers
+over torch.ops.moe_ep.dispatch_layout / dispatch / combine with their fake kernels.
+
+A token travels once to each rank that hosts at least one of its k experts (token
+batching); the receiving rank expands it to its local experts, reduces the expert outputs
+with the routing weights and sends back one row per (token, rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import moe_ep._C  # noqa: F401  (registers torch.ops.moe_ep)
+
+__all__ = [
+    "ExpertPlacement",
+    "DispatchLayout",
+    "Dispatched",
+    "dispatch_layout",
+    "dispatch",
+    "combine",
+]
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Where each expert of one layer lives: expert e on rank expert_rank[e], as that rank's
+    local expert number expert_local[e]. Ranks may host several experts or none."""
+
+    expert_rank: torch.Tensor  # int32 [E]
+    expert_local: torch.Tensor  # int32 [E]
+    world_size: int
+
+    @classmethod
+    def from_ranks(cls, ranks: list[int], world_size: int) -> ExpertPlacement:
+        """Local numbers follow expert order on each rank."""
+        if any(not 0 <= r < world_size for r in ranks):
+            raise ValueError(f"ranks must lie in [0, {world_size}), got {ranks}")
+        seen = [0] * world_size
+        local = []
+        for r in ranks:
+            local.append(seen[r])
+            seen[r] += 1
+        return cls(
+            torch.tensor(ranks, dtype=torch.int32),
+            torch.tensor(local, dtype=torch.int32),
+            world_size,
+        )
+
+    @classmethod
+    def contiguous(cls, num_experts: int, world_size: int) -> ExpertPlacement:
+        """Blocks of ceil(E / world) consecutive experts per rank; with E <= world, expert e
+        on rank e (one expert per GPU) and the last world - E ranks host none."""
+        per_rank = -(-num_experts // world_size)
+        return cls.from_ranks([e // per_rank for e in range(num_experts)], world_size)
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_rank.numel()
+
+    @property
+    def num_local_experts(self) -> int:
+        """The most experts any rank hosts (the receive-side slot count)."""
+        return max(1, int(torch.bincount(self.expert_rank.long(), minlength=self.world_size).max()))
+
+    def local_experts(self, rank: int) -> list[int]:
+        """Global ids of the experts on `rank`, in local order."""
+        ids = (self.expert_rank == rank).nonzero().view(-1)
+        return ids[self.expert_local[ids].argsort()].tolist()
+
+    def to(self, device: torch.device | str) -> ExpertPlacement:
+        return ExpertPlacement(
+            self.expert_rank.to(device), self.expert_local.to(device), self.world_size
+        )
+
+
+@dataclass(frozen=True)
+class DispatchLayout:
+    """What a dispatch sends, computed without communicating."""
+
+    send_counts: torch.Tensor  # int64 [world]: rows per destination rank
+    entry_counts: torch.Tensor  # int64 [world]: (token, choice) pairs per destination rank
+    send_token: torch.Tensor  # int64 [S]: source token of each row, by rank then token
+    send_local_ids: torch.Tensor  # int32 [S, W]: receiver-local expert ids, -1 padded
+    send_choice: torch.Tensor  # int64 [S, W]: the choice behind each slot, -1 padded
+    token_slot: torch.Tensor  # int32 [T, k]
+
+    @property
+    def rows_sent(self) -> int:
+        return self.send_token.numel()
+
+    @property
+    def rows_saved(self) -> int:
+        """Rows that token batching does not send: (token, choice) pairs minus rows."""
+        return self.token_slot.numel() - self.rows_sent
+
+    def bytes_saved(self, hidden: int, dtype: torch.dtype) -> int:
+        return self.rows_saved * hidden * torch.finfo(dtype).bits // 8
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """The result of dispatch: rows for the local experts plus what combine needs."""
+
+    x_sorted: torch.Tensor  # [V, H] received (row, local expert) entries, grouped by expert
+    expert_offsets: torch.Tensor  # int64 [L+1]
+    recv_row_of: torch.Tensor  # int32 [R, W]
+    recv_weights: torch.Tensor  # float32 [R, W]
+    recv_counts: torch.Tensor  # int64 [world] (CPU)
+    send_counts: torch.Tensor  # int64 [world] (CPU)
+    token_slot: torch.Tensor  # int32 [T, k]
+
+
+def _group_name(group: dist.ProcessGroup | str | None) -> str:
+    if isinstance(group, str):
+        return group
+    return (group or dist.group.WORLD).group_name
+
+
+def dispatch_layout(topk_ids: torch.Tensor, placement: ExpertPlacement) -> DispatchLayout:
+    """The send plan of a dispatch (counts, order, batching), without communication."""
+    return DispatchLayout(
+        *torch.ops.moe_ep.dispatch_layout(
+            topk_ids,
+            placement.expert_rank,
+            placement.expert_local,
+            placement.world_size,
+            placement.num_local_experts,
+        )
+    )
+
+
+def dispatch(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    placement: ExpertPlacement,
+    group: dist.ProcessGroup | str | None = None,
+) -> Dispatched:
+    """Exact-size dispatch: counts first, then the rows and their routing metadata.
+
+    Args:
+        x: [T, H] tokens of this rank (T may be 0).
+        topk_ids: int32/int64 [T, k] global expert ids from route.
+        topk_weights: [T, k] routing weights.
+        placement: the expert map (tensors on x's device), identical on every rank.
+        group: the process group (or its name); default: the world.
+    """
+    return Dispatched(
+        *torch.ops.moe_ep.dispatch(
+            x,
+            topk_ids,
+            topk_weights,
+            placement.expert_rank,
+            placement.expert_local,
+            placement.num_local_experts,
+            _group_name(group),
+        )
+    )
+
+
+def combine(
+    y_sorted: torch.Tensor, dispatched: Dispatched, group: dist.ProcessGroup | str | None = None
+) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs, back on its rank in its order: [T, H]."""
+    return torch.ops.moe_ep.combine(
+        y_sorted,
+        dispatched.recv_row_of,
+        dispatched.recv_weights,
+        dispatched.recv_counts,
+        dispatched.send_counts,
+        dispatched.token_slot,
+        _group_name(group),
+    )
+
+
+@torch.library.register_fake("moe_ep::dispatch_layout")
+def _dispatch_layout_fake(topk_ids, expert_rank, expert_local, world_size, num_local_experts):
+    rows = torch.library.get_ctx().new_dynamic_size()
+    width = min(topk_ids.shape[1], num_local_experts)
+    counts = topk_ids.new_empty((world_size,), dtype=torch.int64)
+    return (
+        counts,
+        counts.new_empty((world_size,)),
+        topk_ids.new_empty((rows,), dtype=torch.int64),
+        topk_ids.new_empty((rows, width), dtype=torch.int32),
+        topk_ids.new_empty((rows, width), dtype=torch.int64),
+        topk_ids.new_empty(tuple(topk_ids.shape), dtype=torch.int32),
+    )
+
+
+@torch.library.register_fake("moe_ep::dispatch")
+def _dispatch_fake(
+    x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts, group_name
+):
+    ctx = torch.library.get_ctx()
+    entries, rows, world = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    width = min(topk_ids.shape[1], num_local_experts)
+    return (
+        x.new_empty((entries, x.shape[1])),
+        x.new_empty((num_local_experts + 1,), dtype=torch.int64),
+        x.new_empty((rows, width), dtype=torch.int32),
+        x.new_empty((rows, width), dtype=torch.float32),
+        torch.empty((world,), dtype=torch.int64),
+        torch.empty((world,), dtype=torch.int64),
+        x.new_empty(tuple(topk_ids.shape), dtype=torch.int32),
+    )
+
+
+@torch.library.register_fake("moe_ep::combine")
+def _combine_fake(
+    y_sorted, recv_row_of, recv_weights, recv_counts, send_counts, token_slot, group_name
+):
+    return y_sorted.new_empty((token_slot.shape[0], y_sorted.shape[1]))

@@ -1,0 +1,157 @@
+"""Expert-parallel scenarios run inside each rank's process (spawned by test_dispatch.py, or
+under torchrun: `torchrun --nproc-per-node 4 tests/ep_worker.py`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import assert_close_relative  # noqa: E402
+
+import moe_ep  # noqa: E402
+from moe_ep import reference  # noqa: E402
+from moe_ep.dispatcher import ExpertPlacement, dispatch_layout  # noqa: E402
+
+HIDDEN, FFN = 32, 16
+
+
+def full_weights(experts: int, dtype: torch.dtype, seed: int):
+    """The same all-expert weights on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    gate = torch.randn(experts, HIDDEN, generator=g) / HIDDEN**0.5
+    w13 = (torch.randn(experts, 2 * FFN, HIDDEN, generator=g) / HIDDEN**0.5).to(dtype)
+    w2 = (torch.randn(experts, HIDDEN, FFN, generator=g) / FFN**0.5).to(dtype)
+    return gate, w13, w2
+
+
+def check_layer(
+    name, experts, top_k, tokens, dtype, placement=None, skew=0.0, one_expert=None, device="cpu"
+):
+    rank = dist.get_rank()
+    gate, w13, w2 = full_weights(experts, dtype, seed=len(name) * 1000 + experts)
+    layer = moe_ep.MoELayer(
+        HIDDEN,
+        FFN,
+        experts,
+        top_k,
+        dtype=dtype,
+        device=device,
+        group=dist.group.WORLD,
+        placement=placement,
+    )
+    if one_expert is not None:
+        gate = torch.zeros_like(gate)
+        gate[one_expert] = 1.0
+    if skew:
+        gate[0] += skew  # expert 0 attracts most tokens
+    layer.load_full_weights(gate.to(device), w13.to(device), w2.to(device))
+    g = torch.Generator().manual_seed(rank * 7919 + len(name))
+    x = torch.rand(tokens, HIDDEN, generator=g).to(dtype).to(device)
+    if one_expert is None:
+        x = x * 2 - 1
+    out = layer(x)
+    ids, weights = layer.route(x)
+    expected = reference.moe(x.cpu(), ids.cpu(), weights.cpu(), w13, w2)
+    try:
+        assert_close_relative(out.cpu(), expected, dtype)
+    except AssertionError as error:
+        raise AssertionError(f"rank {rank}: scenario {name} ({dtype}): {error}") from None
+    return layer, ids
+
+
+def run_scenarios(device="cpu"):
+    world, rank = dist.get_world_size(), dist.get_rank()
+    for dtype in (torch.float32, torch.bfloat16):
+        check_layer("random", 4 * world, 2, 50 + 13 * rank, dtype, device=device)
+        check_layer("skewed", 4 * world, 2, 64, dtype, skew=4.0, device=device)
+        check_layer(
+            "one-expert", 2 * world, 1, 40, dtype, one_expert=world % (2 * world), device=device
+        )
+        # One expert per rank (EP == E); rank 1 (when present) sends nothing.
+        check_layer(
+            "ep-equals-e", world, min(2, world), 0 if rank == 1 else 30, dtype, device=device
+        )
+        # k choices on one rank: 8 experts per rank, top-8.
+        _, ids = check_layer("shared-rank", 8 * world, 8, 25, dtype, device=device)
+        # Fewer experts than ranks: the last ranks host nothing and receive nothing.
+        if world > 1:
+            check_layer("idle-ranks", world - 1, 1, 20, dtype, device=device)
+        # Experts scattered over ranks in an arbitrary order.
+        ranks = [(e * 3 + 1) % world for e in range(2 * world)]
+        check_layer(
+            "scattered",
+            2 * world,
+            2,
+            33,
+            dtype,
+            placement=ExpertPlacement.from_ranks(ranks, world),
+            device=device,
+        )
+
+    # Token batching: with k = 8 and 8 experts per rank, far fewer rows than choices travel.
+    placement = ExpertPlacement.contiguous(8 * world, world)
+    ids = torch.stack([torch.randperm(8 * world)[:8] for _ in range(25)]).int()
+    layout = dispatch_layout(ids, placement)
+    distinct = sum(len({int(e) // 8 for e in row}) for row in ids)
+    assert layout.rows_sent == distinct and layout.rows_saved == ids.numel() - distinct
+
+
+def run_misuse():
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world == 1:
+        return
+    experts = 2 * world
+    placement = ExpertPlacement.contiguous(experts, world)
+    hidden = 16 if rank == 0 else 32
+    x = torch.randn(4, hidden)
+    ids = torch.zeros(4, 1, dtype=torch.int32)
+    w = torch.ones(4, 1)
+    try:
+        moe_ep.dispatcher.dispatch(x, ids, w, placement)
+        raise AssertionError("hidden-size mismatch was not detected")
+    except RuntimeError as error:
+        assert "hidden size" in str(error), error
+    bad_ids = ids + (experts if rank == world - 1 else 0)
+    x = torch.randn(4, 32)
+    try:
+        moe_ep.dispatcher.dispatch(x, bad_ids, w, placement)
+        raise AssertionError("out-of-map expert id was not detected")
+    except RuntimeError as error:
+        assert "'topk_ids'" in str(error), error
+    try:
+        moe_ep.dispatcher.dispatch(x, ids, w, placement, group="no-such-group")
+        raise AssertionError("unknown group name was not detected")
+    except RuntimeError as error:
+        assert "'group_name'" in str(error), error
+    # The group still works after the errors.
+    check_layer("after-misuse", experts, 2, 10, torch.float32)
+
+
+def worker(rank: int, world: int, init_file: str, device: str = "cpu"):
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),
+    )
+    try:
+        torch.set_num_threads(1)
+        run_scenarios(device)
+        run_misuse()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # under torchrun
+    dist.init_process_group("gloo")
+    run_scenarios()
+    run_misuse()
+    print(f"rank {dist.get_rank()}: all expert-parallel scenarios passed")
+    dist.destroy_process_group()
