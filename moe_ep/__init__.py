@@ -1,5 +1,7 @@
 """moe_ep: large-scale cross-node expert parallelism for Mixture-of-Experts inference."""
 
+import torch  # noqa: F401  (loads libtorch before the extension)
+
 from moe_ep import _C, ops  # noqa: F401  (_C registers torch.ops.moe_ep)
 from moe_ep.layer import MoELayer
 

@@ -20,4 +20,8 @@ fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 echo "[setup] building moe_ep._C (MAX_JOBS=$MAX_JOBS)"
 "$PYTHON" setup.py --quiet build_ext --inplace
-"$PYTHON" -m pip install --quiet --no-build-isolation --no-deps -e . >/dev/null
+# Register the checkout with pip once (an editable install); later runs only rebuild above.
+repo=$(pwd)
+if ! (cd / && "$PYTHON" -c "import moe_ep, sys; sys.exit(not moe_ep.__file__.startswith('$repo/'))") 2>/dev/null; then
+  "$PYTHON" -m pip install --quiet --no-build-isolation --no-deps -e . >/dev/null
+fi
