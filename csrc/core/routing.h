@@ -42,9 +42,11 @@ MOE_EP_HD inline bool ranks_before(float value_a, int index_a, float value_b, in
 }
 
 // logit(e) returns expert e's logit as a float (the caller owns the element type).
+// score_cache (optional, num_experts floats) trades memory for the O(top_k * num_experts)
+// recomputation of the scores: the CPU op passes one per thread, a GPU thread passes none.
 template <typename LogitFn>
 MOE_EP_HD inline void route_token(LogitFn logit, const float* bias, const RouteConfig& cfg,
-                                  int32_t* ids, float* weights) {
+                                  int32_t* ids, float* weights, float* score_cache = nullptr) {
   const int num_experts = cfg.num_experts;
   float max_logit = -INFINITY;
   float denominator = 1.0f;
@@ -53,11 +55,15 @@ MOE_EP_HD inline void route_token(LogitFn logit, const float* bias, const RouteC
     denominator = 0.0f;
     for (int e = 0; e < num_experts; ++e) denominator += expf(logit(e) - max_logit);
   }
-  auto score = [&](int e) {
+  auto compute_score = [&](int e) {
     const float x = logit(e);
     return cfg.score == ScoreFunction::kSoftmax ? expf(x - max_logit) / denominator
                                                 : 1.0f / (1.0f + expf(-x));
   };
+  if (score_cache != nullptr) {
+    for (int e = 0; e < num_experts; ++e) score_cache[e] = compute_score(e);
+  }
+  auto score = [&](int e) { return score_cache != nullptr ? score_cache[e] : compute_score(e); };
   auto select = [&](int e) { return bias != nullptr ? score(e) + bias[e] : score(e); };
 
   // Group limit: a bit per allowed group.
