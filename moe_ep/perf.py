@@ -18,7 +18,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from moe_ep import _C
 
@@ -179,7 +179,7 @@ STRATEGY_ALIASES = {"seeds3904": "pp61ep64dp64mb64"}
 
 
 def parse_strategy(text: str) -> Strategy:
-    """'tp8pp2', 'ep16', 'ep16tp8' (dp = ep / tp), 'pp61ep64dp64mb64', suffix '-serial' / '-nodedup'.
+    """Parse 'tp8pp2', 'ep16tp8' (dp = ep / tp), 'pp61ep64dp64mb64'; suffix -serial, -nodedup.
 
     EP layouts overlap their all-to-all with two micro-batches unless '-serial' is given.
     """
@@ -316,11 +316,12 @@ def load_measurements(path: str = MEASUREMENTS_PATH) -> dict:
         return json.load(f)
 
 
-def validation_rows(hw_override: str | None = None) -> list[dict]:
+def validation_rows(datasheet: bool = False) -> list[dict]:
+    """Predictions of every published figure; datasheet swaps the seeds' GPU rates for NVIDIA's."""
     rows = []
     for entry in load_measurements()["measurements"]:
-        hw = HARDWARE[hw_override] if hw_override else None
-        predicted = predict_measurement(entry, hw)
+        name = entry["hardware"].removesuffix("-seeds") if datasheet else entry["hardware"]
+        predicted = predict_measurement(entry, HARDWARE[name])
         rows.append(
             {
                 "id": entry["id"],
@@ -423,6 +424,7 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", help="PNG path for --sweep")
     parser.add_argument("--json", help="JSON path for --sweep or --compare")
     parser.add_argument("--validate", action="store_true", help="published measurements table")
+    parser.add_argument("--datasheet", action="store_true", help="--validate with datasheet rates")
     parser.add_argument("--constants", action="store_true", help="list hardware constants")
     args = parser.parse_args(argv)
 
@@ -432,7 +434,7 @@ def main(argv=None) -> int:
         return 0
     if args.validate:
         print(f"{'measurement':<34}{'published':>12}{'predicted':>12} unit    error")
-        for row in validation_rows():
+        for row in validation_rows(args.datasheet):
             print(
                 f"{row['id']:<34}{row['published']:>12.1f}{row['predicted']:>12.1f} "
                 f"{row['unit']:<7}{row['error']:+.1%}"
