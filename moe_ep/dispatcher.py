@@ -114,6 +114,61 @@ class Dispatched:
     token_slot: torch.Tensor  # int32 [T, k]
 
 
+class DispatchOverflow(RuntimeError):
+    """A fixed-capacity dispatch left (token, rank) pairs unsent; every rank raises it."""
+
+    def __init__(self, pairs: int, capacity: int):
+        super().__init__(
+            f"moe_ep: fixed-capacity dispatch overflowed: {pairs} (token, rank) pair(s) over "
+            f"the capacity of {capacity} rows per rank were not sent"
+        )
+        self.pairs = pairs
+
+
+@dataclass(frozen=True)
+class CapacityDispatched:
+    """The result of a fixed-capacity dispatch. All shapes depend only on (T, k, world,
+    capacity), never on the routing, so the step can be captured in a CUDA graph."""
+
+    x_by_expert: torch.Tensor  # [L*M, H], M = world*capacity rows per local expert, 0-padded
+    expert_counts: torch.Tensor  # int64 [L]: real rows in each block
+    recv_row_of: torch.Tensor  # int32 [M, W]
+    recv_weights: torch.Tensor  # float32 [M, W]
+    token_slot: torch.Tensor  # int32 [T, k]
+    status: torch.Tensor  # int32 [world, 4]: per source: overflow, hidden, experts, bad ids
+    capacity: int
+
+    @property
+    def rows_per_expert(self) -> int:
+        return self.recv_row_of.shape[0]
+
+    def expert_offsets(self, num_experts: int) -> torch.Tensor:
+        """Host offsets of the first num_experts blocks (for expert_ffn, no device read)."""
+        return torch.arange(num_experts + 1, dtype=torch.int64) * self.rows_per_expert
+
+    def overflow(self) -> int:
+        """(token, rank) pairs that did not fit, summed over the group (a device read)."""
+        return int(self.status[:, 0].sum())
+
+    def check(self) -> None:
+        """Raises DispatchOverflow (or a RuntimeError naming the argument, for ranks that
+        disagree) identically on every rank. On CUDA this reads the status from the device."""
+        status = self.status.cpu().long()
+        bad = status[:, 3].nonzero().view(-1).tolist()
+        if bad:
+            raise RuntimeError(
+                f"moe_ep: dispatch: rank(s) {bad} passed an argument 'topk_ids' with an expert id "
+                "outside the expert map"
+            )
+        for column, what in ((1, "hidden size (argument 'x')"), (2, "number of experts")):
+            if status[:, column].unique().numel() > 1:
+                raise RuntimeError(
+                    f"moe_ep: dispatch: ranks disagree on the {what}: {status[:, column].tolist()}"
+                )
+        if int(status[:, 0].sum()) > 0:
+            raise DispatchOverflow(int(status[:, 0].sum()), self.capacity)
+
+
 def _group_name(group: dist.ProcessGroup | str | None) -> str:
     if isinstance(group, str):
         return group
@@ -162,16 +217,55 @@ def dispatch(
     )
 
 
+def dispatch_capacity(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    placement: ExpertPlacement,
+    capacity: int,
+    group: dist.ProcessGroup | str | None = None,
+) -> CapacityDispatched:
+    """Fixed-capacity dispatch: `capacity` rows to every rank, no count on the host.
+
+    A token goes at most once to each rank, so capacity >= the largest T of any rank means
+    no overflow. Call check() (or overflow()) before trusting the result: pairs over the
+    capacity are reported, never dropped silently.
+    """
+    return CapacityDispatched(
+        *torch.ops.moe_ep.dispatch_capacity(
+            x,
+            topk_ids,
+            topk_weights,
+            placement.expert_rank,
+            placement.expert_local,
+            placement.num_local_experts,
+            capacity,
+            _group_name(group),
+        ),
+        capacity=capacity,
+    )
+
+
 def combine(
-    y_sorted: torch.Tensor, dispatched: Dispatched, group: dist.ProcessGroup | str | None = None
+    y: torch.Tensor,
+    dispatched: Dispatched | CapacityDispatched,
+    group: dist.ProcessGroup | str | None = None,
 ) -> torch.Tensor:
-    """Weighted sum of each token's expert outputs, back on its rank in its order: [T, H]."""
+    """Weighted sum of each token's expert outputs, back on its rank in its order: [T, H].
+
+    y holds the expert outputs in the row order dispatch produced (x_sorted or x_by_expert).
+    """
+    if isinstance(dispatched, CapacityDispatched):
+        world = dispatched.status.shape[0]
+        recv_counts = send_counts = torch.full((world,), dispatched.capacity, dtype=torch.int64)
+    else:
+        recv_counts, send_counts = dispatched.recv_counts, dispatched.send_counts
     return torch.ops.moe_ep.combine(
-        y_sorted,
+        y,
         dispatched.recv_row_of,
         dispatched.recv_weights,
-        dispatched.recv_counts,
-        dispatched.send_counts,
+        recv_counts,
+        send_counts,
         dispatched.token_slot,
         _group_name(group),
     )
@@ -207,6 +301,23 @@ def _dispatch_fake(
         torch.empty((world,), dtype=torch.int64),
         torch.empty((world,), dtype=torch.int64),
         x.new_empty(tuple(topk_ids.shape), dtype=torch.int32),
+    )
+
+
+@torch.library.register_fake("moe_ep::dispatch_capacity")
+def _dispatch_capacity_fake(
+    x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts, capacity, group_name
+):
+    world = dist.distributed_c10d._resolve_process_group(group_name).size()
+    rows = world * capacity
+    width = min(topk_ids.shape[1], num_local_experts)
+    return (
+        x.new_empty((num_local_experts * rows, x.shape[1])),
+        x.new_empty((num_local_experts,), dtype=torch.int64),
+        x.new_empty((rows, width), dtype=torch.int32),
+        x.new_empty((rows, width), dtype=torch.float32),
+        x.new_empty(tuple(topk_ids.shape), dtype=torch.int32),
+        x.new_empty((world, 4), dtype=torch.int32),
     )
 
 

@@ -30,6 +30,14 @@ class MoELayer(nn.Module):
         placement: which rank hosts which expert (default: contiguous blocks); identical on
             every rank. This rank holds only its local experts' weights (w13, w2); the router
             weight and bias are replicated. Load them with load_full_weights.
+        dispatch_mode: "exact" (counts exchanged first, exact-size all-to-all: throughput) or
+            "capacity" (fixed buffers of `capacity` rows per rank, no device-to-host count:
+            latency, decode, CUDA graphs).
+        capacity: rows each rank sends to each rank in "capacity" mode; the largest token
+            count of any rank guarantees no overflow.
+        on_overflow: in "capacity" mode, what to do when some (token, rank) pairs did not fit:
+            "fallback" reruns the step with the exact-size dispatch, "raise" raises
+            DispatchOverflow. Either way all ranks take the same decision.
 
     Input [..., H] in the experts' dtype; output of the same shape and dtype. Under expert
     parallelism every rank of the group must call forward together (T may differ, even be 0).
@@ -53,8 +61,18 @@ class MoELayer(nn.Module):
         device: torch.device | str | None = None,
         group: dist.ProcessGroup | None = None,
         placement: ExpertPlacement | None = None,
+        dispatch_mode: str = "exact",
+        capacity: int | None = None,
+        on_overflow: str = "fallback",
     ) -> None:
         super().__init__()
+        if dispatch_mode not in ("exact", "capacity"):
+            raise ValueError(f"dispatch_mode must be 'exact' or 'capacity', got {dispatch_mode!r}")
+        if dispatch_mode == "capacity" and (capacity is None or capacity < 1):
+            raise ValueError(f"dispatch_mode='capacity' needs a capacity >= 1, got {capacity}")
+        if on_overflow not in ("fallback", "raise"):
+            raise ValueError(f"on_overflow must be 'fallback' or 'raise', got {on_overflow!r}")
+        self.dispatch_mode, self.capacity, self.on_overflow = dispatch_mode, capacity, on_overflow
         self.group = group
         if group is not None:
             placement = placement or ExpertPlacement.contiguous(num_experts, group.size())
@@ -142,9 +160,29 @@ class MoELayer(nn.Module):
             permuted, offsets, row_of = ops.permute(x, topk_ids, self.num_experts)
             y = ops.expert_ffn(permuted, offsets, self.w13, self.w2, self.activation)
             return ops.unpermute(y, row_of, topk_weights)
+        local = self.w13.shape[0]
+        if self.dispatch_mode == "capacity":
+            received = dispatcher.dispatch_capacity(
+                x, topk_ids, topk_weights, self.placement, self.capacity, self.group
+            )
+            try:
+                received.check()
+            except dispatcher.DispatchOverflow:
+                if self.on_overflow == "raise":
+                    raise
+            else:
+                rows = received.rows_per_expert * local
+                y = ops.expert_ffn(
+                    received.x_by_expert[:rows],
+                    received.expert_offsets(local),
+                    self.w13,
+                    self.w2,
+                    self.activation,
+                )
+                return dispatcher.combine(y, received, self.group)
         received = dispatcher.dispatch(x, topk_ids, topk_weights, self.placement, self.group)
         # Ranks with fewer experts than the widest one ignore the empty trailing groups.
-        offsets = received.expert_offsets[: self.w13.shape[0] + 1]
+        offsets = received.expert_offsets[: local + 1]
         y = ops.expert_ffn(received.x_sorted, offsets, self.w13, self.w2, self.activation)
         return dispatcher.combine(y, received, self.group)
 

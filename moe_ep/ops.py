@@ -95,7 +95,10 @@ def expert_ffn(
 
 
 def unpermute(
-    expert_out: torch.Tensor, row_of: torch.Tensor, topk_weights: torch.Tensor
+    expert_out: torch.Tensor,
+    row_of: torch.Tensor,
+    topk_weights: torch.Tensor,
+    check_rows: bool = True,
 ) -> torch.Tensor:
     """Local combine: out[t] = sum_j topk_weights[t, j] * expert_out[row_of[t, j]].
 
@@ -105,11 +108,13 @@ def unpermute(
         expert_out: [N, H].
         row_of: int32 [T, k] rows of expert_out (from permute), or -1.
         topk_weights: [T, k] float weights.
+        check_rows: verify that row_of lies in [-1, N) (on CUDA a device-to-host read);
+            pass False only for indices moe_ep produced itself.
 
     Returns:
         [T, H] in expert_out's dtype.
     """
-    return torch.ops.moe_ep.unpermute(expert_out, row_of, topk_weights)
+    return torch.ops.moe_ep.unpermute(expert_out, row_of, topk_weights, check_rows)
 
 
 @torch.library.register_fake("moe_ep::route")
@@ -143,5 +148,5 @@ def _expert_ffn_fake(x, expert_offsets, w13, w2, activation="silu"):
 
 
 @torch.library.register_fake("moe_ep::unpermute")
-def _unpermute_fake(expert_out, row_of, topk_weights):
+def _unpermute_fake(expert_out, row_of, topk_weights, check_rows=True):
     return expert_out.new_empty((row_of.shape[0], expert_out.shape[1]))

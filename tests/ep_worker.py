@@ -29,11 +29,32 @@ def full_weights(experts: int, dtype: torch.dtype, seed: int):
     return gate, w13, w2
 
 
+def max_over_ranks(value: int) -> int:
+    t = torch.tensor([value])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
 def check_layer(
-    name, experts, top_k, tokens, dtype, placement=None, skew=0.0, one_expert=None, device="cpu"
+    name,
+    experts,
+    top_k,
+    tokens,
+    dtype,
+    *,
+    placement=None,
+    skew=0.0,
+    one_expert=None,
+    device="cpu",
+    mode="exact",
+    capacity=None,
+    on_overflow="fallback",
 ):
+    """MoELayer over the world group against the float64 single-rank reference."""
     rank = dist.get_rank()
     gate, w13, w2 = full_weights(experts, dtype, seed=len(name) * 1000 + experts)
+    if mode == "capacity" and capacity is None:  # the largest T of any rank: never overflows
+        capacity = max(1, max_over_ranks(tokens))
     layer = moe_ep.MoELayer(
         HIDDEN,
         FFN,
@@ -43,6 +64,9 @@ def check_layer(
         device=device,
         group=dist.group.WORLD,
         placement=placement,
+        dispatch_mode=mode,
+        capacity=capacity,
+        on_overflow=on_overflow,
     )
     if one_expert is not None:
         gate = torch.zeros_like(gate)
@@ -60,38 +84,66 @@ def check_layer(
     try:
         assert_close_relative(out.cpu(), expected, dtype)
     except AssertionError as error:
-        raise AssertionError(f"rank {rank}: scenario {name} ({dtype}): {error}") from None
-    return layer, ids
+        raise AssertionError(f"rank {rank}: scenario {name} ({dtype}, {mode}): {error}") from None
 
 
 def run_scenarios(device="cpu"):
     world, rank = dist.get_world_size(), dist.get_rank()
-    for dtype in (torch.float32, torch.bfloat16):
-        check_layer("random", 4 * world, 2, 50 + 13 * rank, dtype, device=device)
-        check_layer("skewed", 4 * world, 2, 64, dtype, skew=4.0, device=device)
+    for mode in ("exact", "capacity"):
+        for dtype in (torch.float32, torch.bfloat16):
+            run = dict(device=device, mode=mode)
+            check_layer("random", 4 * world, 2, 50 + 13 * rank, dtype, **run)
+            check_layer("skewed", 4 * world, 2, 64, dtype, skew=4.0, **run)
+            check_layer(
+                "one-expert", 2 * world, 1, 40, dtype, one_expert=world % (2 * world), **run
+            )
+            # One expert per rank (EP == E); rank 1 (when present) sends nothing.
+            check_layer("ep-equals-e", world, min(2, world), 0 if rank == 1 else 30, dtype, **run)
+            # k choices on one rank: 8 experts per rank, top-8.
+            check_layer("shared-rank", 8 * world, 8, 25, dtype, **run)
+            # Fewer experts than ranks: the last ranks host nothing and receive nothing.
+            if world > 1:
+                check_layer("idle-ranks", world - 1, 1, 20, dtype, **run)
+            # Experts scattered over ranks in an arbitrary order.
+            ranks = [(e * 3 + 1) % world for e in range(2 * world)]
+            check_layer(
+                "scattered",
+                2 * world,
+                2,
+                33,
+                dtype,
+                placement=ExpertPlacement.from_ranks(ranks, world),
+                **run,
+            )
+        # No rank has a token.
+        check_layer("no-tokens", 2 * world, 2, 0, torch.float32, device=device, mode=mode)
+
+    # Capacity too small: the overflow is reported, and every rank falls back or raises.
+    check_layer(
+        "overflow-fallback",
+        2 * world,
+        2,
+        40,
+        torch.float32,
+        device=device,
+        mode="capacity",
+        capacity=3,
+    )
+    try:
         check_layer(
-            "one-expert", 2 * world, 1, 40, dtype, one_expert=world % (2 * world), device=device
-        )
-        # One expert per rank (EP == E); rank 1 (when present) sends nothing.
-        check_layer(
-            "ep-equals-e", world, min(2, world), 0 if rank == 1 else 30, dtype, device=device
-        )
-        # k choices on one rank: 8 experts per rank, top-8.
-        _, ids = check_layer("shared-rank", 8 * world, 8, 25, dtype, device=device)
-        # Fewer experts than ranks: the last ranks host nothing and receive nothing.
-        if world > 1:
-            check_layer("idle-ranks", world - 1, 1, 20, dtype, device=device)
-        # Experts scattered over ranks in an arbitrary order.
-        ranks = [(e * 3 + 1) % world for e in range(2 * world)]
-        check_layer(
-            "scattered",
+            "overflow-raise",
             2 * world,
             2,
-            33,
-            dtype,
-            placement=ExpertPlacement.from_ranks(ranks, world),
+            40,
+            torch.float32,
             device=device,
+            mode="capacity",
+            capacity=3,
+            on_overflow="raise",
         )
+        raise AssertionError("the overflow was not reported")
+    except moe_ep.dispatcher.DispatchOverflow as error:
+        assert error.pairs > 0
 
     # Token batching: with k = 8 and 8 experts per rank, far fewer rows than choices travel.
     placement = ExpertPlacement.contiguous(8 * world, world)
@@ -101,35 +153,39 @@ def run_scenarios(device="cpu"):
     assert layout.rows_sent == distinct and layout.rows_saved == ids.numel() - distinct
 
 
+def capacity_dispatch(x, ids, weights, placement, group=None):
+    result = moe_ep.dispatcher.dispatch_capacity(x, ids, weights, placement, 4, group)
+    result.check()
+    return result
+
+
+def expect_error(needle, call, *args):
+    try:
+        call(*args)
+    except RuntimeError as error:
+        assert needle in str(error), error
+        return
+    raise AssertionError(f"no error mentioning {needle!r}")
+
+
 def run_misuse():
+    """Each misuse raises on every rank (no rank left waiting); the group works afterwards."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if world == 1:
         return
     experts = 2 * world
     placement = ExpertPlacement.contiguous(experts, world)
-    hidden = 16 if rank == 0 else 32
-    x = torch.randn(4, hidden)
     ids = torch.zeros(4, 1, dtype=torch.int32)
     w = torch.ones(4, 1)
-    try:
-        moe_ep.dispatcher.dispatch(x, ids, w, placement)
-        raise AssertionError("hidden-size mismatch was not detected")
-    except RuntimeError as error:
-        assert "hidden size" in str(error), error
+    x = torch.randn(4, 16 if rank == 0 else 32)
     bad_ids = ids + (experts if rank == world - 1 else 0)
-    x = torch.randn(4, 32)
-    try:
-        moe_ep.dispatcher.dispatch(x, bad_ids, w, placement)
-        raise AssertionError("out-of-map expert id was not detected")
-    except RuntimeError as error:
-        assert "'topk_ids'" in str(error), error
-    try:
-        moe_ep.dispatcher.dispatch(x, ids, w, placement, group="no-such-group")
-        raise AssertionError("unknown group name was not detected")
-    except RuntimeError as error:
-        assert "'group_name'" in str(error), error
-    # The group still works after the errors.
+    good_x = torch.randn(4, 32)
+    for dispatch in (moe_ep.dispatcher.dispatch, capacity_dispatch):
+        expect_error("hidden size", dispatch, x, ids, w, placement)
+        expect_error("'topk_ids'", dispatch, good_x, bad_ids, w, placement)
+        expect_error("'group_name'", dispatch, good_x, ids, w, placement, "no-such-group")
     check_layer("after-misuse", experts, 2, 10, torch.float32)
+    check_layer("after-misuse", experts, 2, 10, torch.float32, mode="capacity")
 
 
 def worker(rank: int, world: int, init_file: str, device: str = "cpu"):

@@ -116,25 +116,30 @@ bool group_carries(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const at
                      [&](const c10::Device& d) { return d.type() == t.device().type(); });
 }
 
-// Variable-size all-to-all of the rows of `input` (row splits per rank). Blocking.
+// All-to-all of the rows of `input`: variable row splits per rank, or equal splits when both
+// lists are empty. Blocking.
 at::Tensor all_to_all_rows(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                            const at::Tensor& input, std::vector<int64_t> send_rows,
                            std::vector<int64_t> recv_rows) {
-  int64_t total = 0;
-  for (const int64_t n : recv_rows) total += n;
   std::vector<int64_t> shape = input.sizes().vec();
-  shape[0] = total;
+  if (!recv_rows.empty()) {
+    shape[0] = 0;
+    for (const int64_t n : recv_rows) shape[0] += n;
+  }
+  at::Tensor send = input.contiguous();
   const bool stage = !group_carries(group, input);
-  at::Tensor send = stage ? input.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true).contiguous()
-                          : input.contiguous();
-  at::Tensor recv = at::empty(shape, send.options().pinned_memory(stage && input.is_cuda()));
-  if (stage && input.is_cuda()) send = send.pin_memory();
+  if (stage) {
+    at::Tensor host =
+        at::empty(send.sizes(), send.options().device(at::kCPU).pinned_memory(input.is_cuda()));
+    send = host.copy_(send);
+  }
+  at::Tensor recv = at::empty(shape, send.options());
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
   // alltoall_base: the name that every torch >= 2.4 has (newer ones alias it).
   group->alltoall_base(recv, send, recv_rows, send_rows)->wait();
 #pragma GCC diagnostic pop
-  return stage ? recv.to(input.device(), /*non_blocking=*/false) : recv;
+  return stage ? recv.to(input.device()) : recv;
 }
 
 std::vector<int64_t> host_values(const at::Tensor& t) {
@@ -189,12 +194,33 @@ c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_na
   return c10d::resolve_process_group(group_name);
 }
 
-at::Tensor unpermute(const at::Tensor& rows, const at::Tensor& row_of, const at::Tensor& weights) {
+// The unpermute op (CPU or CUDA kernel) on indices that moe_ep produced: no range check.
+at::Tensor unpermute_trusted(const at::Tensor& rows, const at::Tensor& row_of,
+                             const at::Tensor& weights) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("moe_ep::unpermute", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  return op.call(rows, row_of, weights);
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+  return op.call(rows, row_of, weights, /*check_rows=*/false);
+}
+
+void check_dispatch_args(const at::Tensor& x, const at::Tensor& topk_ids,
+                         const at::Tensor& topk_weights, const at::Tensor& expert_rank,
+                         const at::Tensor& expert_local, int64_t num_local_experts) {
+  check_dim(x, 2, "x");
+  check_float_dtype(x, "x");
+  check_dim(topk_ids, 2, "topk_ids");
+  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
+              "moe_ep: argument 'topk_ids' must be int32 or int64, got ", topk_ids.scalar_type());
+  check_size(topk_ids, 0, x.size(0), "topk_ids");
+  check_dim(topk_weights, 2, "topk_weights");
+  check_float_dtype(topk_weights, "topk_weights");
+  TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes(), "moe_ep: argument 'topk_weights' must ",
+              "have the shape of 'topk_ids' ", topk_ids.sizes(), ", got ", topk_weights.sizes());
+  check_same_device(topk_ids, x, "topk_ids", "x");
+  check_same_device(topk_weights, x, "topk_weights", "x");
+  check_expert_map(expert_rank, expert_local, topk_ids);
+  TORCH_CHECK(num_local_experts >= 1, "moe_ep: argument 'num_local_experts' must be >= 1");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -220,20 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 dispatch_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
               const at::Tensor& expert_rank, const at::Tensor& expert_local,
               int64_t num_local_experts, std::string_view group_name) {
-  check_dim(x, 2, "x");
-  check_float_dtype(x, "x");
-  check_dim(topk_ids, 2, "topk_ids");
-  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
-              "moe_ep: argument 'topk_ids' must be int32 or int64, got ", topk_ids.scalar_type());
-  check_size(topk_ids, 0, x.size(0), "topk_ids");
-  check_dim(topk_weights, 2, "topk_weights");
-  check_float_dtype(topk_weights, "topk_weights");
-  TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes(), "moe_ep: argument 'topk_weights' must ",
-              "have the shape of 'topk_ids' ", topk_ids.sizes(), ", got ", topk_weights.sizes());
-  check_same_device(topk_ids, x, "topk_ids", "x");
-  check_same_device(topk_weights, x, "topk_weights", "x");
-  check_expert_map(expert_rank, expert_local, topk_ids);
-  TORCH_CHECK(num_local_experts >= 1, "moe_ep: argument 'num_local_experts' must be >= 1");
+  check_dispatch_args(x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts);
   const auto group = resolve_group(std::string(group_name));
   const int64_t world = group->getSize();
   const int64_t slot_width = std::min(topk_ids.size(1), num_local_experts);
@@ -290,6 +303,125 @@ dispatch_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor&
           layout.token_slot};
 }
 
+// Fixed-capacity dispatch (decode): every rank sends `capacity` rows to every rank, so all
+// shapes are known in advance and no count travels to the host. A (token, rank) pair beyond a
+// destination's capacity is not sent; the number of such pairs, summed over the group, is
+// returned in `status` (never dropped silently). The receiver places its entries in per-expert
+// blocks of M = world * capacity rows (an expert receives at most one entry per received row).
+//
+// status: int32 [world, kStatusSize], one row per source rank: its overflow, hidden size,
+// number of experts and whether its ids were out of range. On CPU tensors it is checked here;
+// on CUDA it stays on the device for the caller to check when it chooses (a CUDA graph replay
+// cannot read it).
+enum Status : int64_t { kOverflow, kStatusHidden, kStatusExperts, kStatusBadIds, kStatusSize };
+
+void check_status(const at::Tensor& status, int64_t hidden, int64_t num_experts, int64_t rank) {
+  const at::Tensor host = status.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* v = host.data_ptr<int64_t>();
+  for (int64_t peer = 0; peer < host.size(0); ++peer, v += kStatusSize) {
+    TORCH_CHECK(v[kStatusBadIds] == 0, "moe_ep: dispatch: rank ", peer, " passed an argument ",
+                "'topk_ids' with an expert id outside [0, ", v[kStatusExperts], ")");
+    TORCH_CHECK(v[kStatusHidden] == hidden, "moe_ep: dispatch: ranks disagree on the hidden ",
+                "size (argument 'x'): rank ", peer, " has ", v[kStatusHidden], ", rank ", rank,
+                " has ", hidden);
+    TORCH_CHECK(v[kStatusExperts] == num_experts, "moe_ep: dispatch: ranks disagree on the ",
+                "number of experts (argument 'expert_rank'): rank ", peer, " has ",
+                v[kStatusExperts], ", rank ", rank, " has ", num_experts);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+dispatch_capacity_impl(const at::Tensor& x, const at::Tensor& topk_ids,
+                       const at::Tensor& topk_weights, const at::Tensor& expert_rank,
+                       const at::Tensor& expert_local, int64_t num_local_experts, int64_t capacity,
+                       std::string_view group_name) {
+  check_dispatch_args(x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts);
+  TORCH_CHECK(capacity >= 1, "moe_ep: argument 'capacity' must be >= 1, got ", capacity);
+  const auto group = resolve_group(std::string(group_name));
+  const int64_t world = group->getSize(), hidden = x.size(1);
+  const int64_t num_tokens = topk_ids.size(0), top_k = topk_ids.size(1);
+  const int64_t num_experts = expert_rank.size(0);
+  const int64_t width = std::min(top_k, num_local_experts);
+  if (!x.is_cuda()) check_map_values(expert_rank, expert_local, world, num_local_experts);
+  const int64_t rows = world * capacity, trash = rows;  // one spare row absorbs what is not sent
+  const auto long_options = topk_ids.options().dtype(at::kLong);
+
+  // Out-of-range ids are replaced by expert 0 so the layout stays in bounds; every rank learns
+  // of them through status.
+  const at::Tensor ids_long = topk_ids.to(at::kLong);
+  const at::Tensor bad = (ids_long < 0) | (ids_long >= num_experts);
+  const at::Tensor ids = ids_long.masked_fill(bad, 0).reshape({-1});
+  const at::Tensor dest = expert_rank.index_select(0, ids).to(at::kLong).view({num_tokens, top_k});
+  const at::Tensor local = expert_local.index_select(0, ids).view({num_tokens, top_k});
+  const at::Tensor position = ((dest.unsqueeze(2) == dest.unsqueeze(1)) &
+                               at::ones({top_k, top_k}, dest.options().dtype(at::kBool)).tril(-1))
+                                  .sum(2);
+  const at::Tensor token_index = at::arange(num_tokens, long_options).unsqueeze(1).expand_as(dest);
+  at::Tensor goes_to = at::zeros({world, num_tokens}, long_options);
+  goes_to.index_put_({dest.reshape({-1}), token_index.reshape({-1})}, at::ones({1}, long_options));
+  const at::Tensor slot_in_dest = goes_to.cumsum(1) - 1;
+  const at::Tensor fits = (goes_to > 0) & (slot_in_dest < capacity);
+  const at::Tensor overflow = ((goes_to > 0) & ~fits).sum();
+  const at::Tensor row_for_pair = at::where(
+      fits, at::arange(world, long_options).unsqueeze(1) * capacity + slot_in_dest, trash);
+  const at::Tensor row_of_choice =
+      row_for_pair.reshape({-1})
+          .index_select(0, (dest * num_tokens + token_index).reshape({-1}))
+          .view({num_tokens, top_k});
+  const at::Tensor first = position == 0;
+
+  // Send buffers: one row per (rank, slot); k writes of T rows instead of world * T.
+  at::Tensor x_send = at::zeros({rows + 1, hidden}, x.options());
+  for (int64_t j = 0; j < top_k; ++j) {
+    x_send.index_put_({at::where(first.select(1, j), row_of_choice.select(1, j), trash)}, x);
+  }
+  const int64_t meta_width = 2 * width + kStatusSize;
+  at::Tensor meta_send = at::zeros({rows + 1, meta_width}, topk_ids.options().dtype(at::kInt));
+  meta_send.narrow(1, 0, width).fill_(-1);
+  const at::Tensor choice_rows = row_of_choice.reshape({-1});
+  const at::Tensor choice_slots = position.reshape({-1});
+  meta_send.index_put_({choice_rows, choice_slots}, local.reshape({-1}));
+  meta_send.index_put_({choice_rows, choice_slots + width},
+                       topk_weights.to(at::kFloat).reshape({-1}).view(at::kInt));
+  const at::Tensor status_send =
+      at::stack({overflow, at::scalar_tensor(hidden, long_options),
+                 at::scalar_tensor(num_experts, long_options), bad.any().to(at::kLong)})
+          .to(at::kInt);
+  meta_send.narrow(0, 0, rows)
+      .view({world, capacity, meta_width})
+      .select(1, 0)
+      .narrow(1, 2 * width, kStatusSize)
+      .copy_(status_send.unsqueeze(0).expand({world, kStatusSize}));
+
+  // Metadata first: if the ranks disagree on shapes, CPU callers learn it before the rows move.
+  const at::Tensor meta_recv = all_to_all_rows(group, meta_send.narrow(0, 0, rows), {}, {});
+  const at::Tensor status =
+      meta_recv.view({world, capacity, meta_width}).select(1, 0).narrow(1, 2 * width, kStatusSize);
+  if (!x.is_cuda()) check_status(status, hidden, num_experts, group->getRank());
+  const at::Tensor x_recv = all_to_all_rows(group, x_send.narrow(0, 0, rows), {}, {});
+
+  // Place each received (row, slot) entry in its expert's block, in arrival order.
+  const int64_t block = rows;  // M
+  const at::Tensor recv_local = meta_recv.narrow(1, 0, width).reshape({-1}).to(at::kLong);
+  const at::Tensor valid = recv_local >= 0;
+  const at::Tensor one_hot =
+      (recv_local.unsqueeze(1) == at::arange(num_local_experts, long_options)).to(at::kLong);
+  const at::Tensor rank_in_expert =
+      (one_hot.cumsum(0) - 1).gather(1, recv_local.clamp_min(0).unsqueeze(1)).squeeze(1);
+  const int64_t expert_trash = num_local_experts * block;
+  const at::Tensor entry_row = at::where(valid, recv_local * block + rank_in_expert, expert_trash);
+  at::Tensor x_by_expert = at::zeros({expert_trash + 1, hidden}, x.options());
+  const at::Tensor entry_rows = entry_row.view({rows, width});
+  for (int64_t s = 0; s < width; ++s) x_by_expert.index_put_({entry_rows.select(1, s)}, x_recv);
+  const at::Tensor recv_weights = meta_recv.narrow(1, width, width).contiguous().view(at::kFloat);
+  return {x_by_expert.narrow(0, 0, expert_trash),
+          one_hot.sum(0),
+          at::where(valid, entry_row, -1).view({rows, width}).to(at::kInt),
+          recv_weights,
+          at::where(first & (row_of_choice < trash), row_of_choice, -1).to(at::kInt),
+          status};
+}
+
 at::Tensor combine_impl(const at::Tensor& y_sorted, const at::Tensor& recv_row_of,
                         const at::Tensor& recv_weights, const at::Tensor& recv_counts,
                         const at::Tensor& send_counts, const at::Tensor& token_slot,
@@ -303,11 +435,11 @@ at::Tensor combine_impl(const at::Tensor& y_sorted, const at::Tensor& recv_row_o
               "moe_ep: arguments 'recv_counts' and 'send_counts' must have one entry per rank (",
               group->getSize(), ")");
   // Each received row leaves as one reduced row: its entries' weighted sum.
-  const at::Tensor partial = unpermute(y_sorted, recv_row_of, recv_weights);
+  const at::Tensor partial = unpermute_trusted(y_sorted, recv_row_of, recv_weights);
   const at::Tensor returned =
       all_to_all_rows(group, partial, host_values(recv_counts), host_values(send_counts));
-  return unpermute(returned, token_slot,
-                   at::ones(token_slot.sizes(), token_slot.options().dtype(at::kFloat)));
+  return unpermute_trusted(returned, token_slot,
+                           at::ones(token_slot.sizes(), token_slot.options().dtype(at::kFloat)));
 }
 
 }  // namespace
@@ -315,12 +447,14 @@ at::Tensor combine_impl(const at::Tensor& y_sorted, const at::Tensor& recv_row_o
 TORCH_LIBRARY_IMPL(moe_ep, CPU, m) {
   m.impl("dispatch_layout", &dispatch_layout_impl);
   m.impl("dispatch", &dispatch_impl);
+  m.impl("dispatch_capacity", &dispatch_capacity_impl);
   m.impl("combine", &combine_impl);
 }
 
 TORCH_LIBRARY_IMPL(moe_ep, CUDA, m) {
   m.impl("dispatch_layout", &dispatch_layout_impl);
   m.impl("dispatch", &dispatch_impl);
+  m.impl("dispatch_capacity", &dispatch_capacity_impl);
   m.impl("combine", &combine_impl);
 }
 

@@ -75,14 +75,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& hid
 }
 
 at::Tensor unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& row_of,
-                         const at::Tensor& topk_weights) {
+                         const at::Tensor& topk_weights, bool check_rows) {
   check_unpermute_args(expert_out, row_of, topk_weights);
   const at::Tensor rows = row_of.contiguous();
   const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
   const at::Tensor input = expert_out.contiguous();
   const int64_t num_tokens = rows.size(0), top_k = rows.size(1), width = input.size(1);
   const int64_t num_rows = input.size(0);
-  if (rows.numel() > 0) {
+  if (check_rows && rows.numel() > 0) {
     const auto [low, high] = at::aminmax(rows);
     TORCH_CHECK(low.item<int32_t>() >= -1 && high.item<int32_t>() < num_rows,
                 "moe_ep: argument 'row_of' must hold rows in [0, ", num_rows,

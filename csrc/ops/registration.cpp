@@ -17,7 +17,11 @@ TORCH_LIBRARY(moe_ep, m) {
       "expert_ffn(Tensor x, Tensor expert_offsets, Tensor w13, Tensor w2, "
       "str activation=\"silu\") -> Tensor");
   // Local combine: out[t] = sum_j topk_weights[t, j] * expert_out[row_of[t, j]].
-  m.def("unpermute(Tensor expert_out, Tensor row_of, Tensor topk_weights) -> Tensor");
+  // check_rows=False skips the range check of row_of (a device-to-host read on CUDA) for
+  // indices produced by moe_ep itself.
+  m.def(
+      "unpermute(Tensor expert_out, Tensor row_of, Tensor topk_weights, bool check_rows=True) "
+      "-> Tensor");
 
   // Expert parallelism (csrc/ops/dispatch.cpp). The expert map gives, for each expert id that
   // topk_ids may hold, its rank (expert_rank) and its index among that rank's experts
@@ -37,6 +41,16 @@ TORCH_LIBRARY(moe_ep, m) {
       "dispatch(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor expert_rank, "
       "Tensor expert_local, int num_local_experts, str group_name) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Fixed-capacity dispatch (decode, CUDA-graph friendly): capacity rows to every rank, no
+  // count on the host. Returns (x_by_expert [L*M, H] with M = world*capacity rows per local
+  // expert, zero-padded; expert_counts int64 [L]; recv_row_of int32 [M, W]; recv_weights
+  // float32 [M, W]; token_slot int32 [T, k]; status int32 [world, 4]: per source rank its
+  // overflow (pairs not sent), hidden size, expert count, out-of-range-ids flag).
+  // Combine it with recv_counts = send_counts = [capacity] * world.
+  m.def(
+      "dispatch_capacity(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor expert_rank, "
+      "Tensor expert_local, int num_local_experts, int capacity, str group_name) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Weighted reduction of the expert outputs on the receiving rank, the reverse all-to-all,
   // and the sum of each token's partial rows in its original order: [T, H].
   m.def(

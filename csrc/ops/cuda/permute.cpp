@@ -46,13 +46,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& hi
 }
 
 at::Tensor unpermute_cuda(const at::Tensor& expert_out, const at::Tensor& row_of,
-                          const at::Tensor& topk_weights) {
+                          const at::Tensor& topk_weights, bool check_rows) {
   check_unpermute_args(expert_out, row_of, topk_weights);
   const c10::cuda::CUDAGuard device_guard(expert_out.device());
   const at::Tensor rows = row_of.contiguous();
   const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
   const at::Tensor input = expert_out.contiguous();
-  if (rows.numel() > 0) {
+  if (check_rows && rows.numel() > 0) {
     const auto [low, high] = at::aminmax(rows);
     const at::Tensor bounds = at::stack({low, high}).cpu();
     const int32_t lowest = bounds[0].item<int32_t>(), highest = bounds[1].item<int32_t>();
