@@ -188,13 +188,35 @@ def dispatch_layout(topk_ids: torch.Tensor, placement: ExpertPlacement) -> Dispa
     )
 
 
+@dataclass(frozen=True)
+class PendingDispatch:
+    """A dispatch whose transfers are in flight; wait() completes it."""
+
+    _finish: object  # () -> Dispatched | CapacityDispatched
+
+    def wait(self) -> Dispatched | CapacityDispatched:
+        return self._finish()
+
+
+@dataclass(frozen=True)
+class PendingCombine:
+    """A combine whose return transfer is in flight; wait() gives the [T, H] output."""
+
+    returned: torch.Tensor
+    token_slot: torch.Tensor
+
+    def wait(self) -> torch.Tensor:
+        return torch.ops.moe_ep.combine_finish(self.returned, self.token_slot)
+
+
 def dispatch(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     placement: ExpertPlacement,
     group: dist.ProcessGroup | str | None = None,
-) -> Dispatched:
+    async_op: bool = False,
+) -> Dispatched | PendingDispatch:
     """Exact-size dispatch: counts first, then the rows and their routing metadata.
 
     Args:
@@ -203,7 +225,28 @@ def dispatch(
         topk_weights: [T, k] routing weights.
         placement: the expert map (tensors on x's device), identical on every rank.
         group: the process group (or its name); default: the world.
+        async_op: return a PendingDispatch once the counts are exchanged and the rows are
+            on their way, instead of waiting for them.
     """
+    if async_op:
+        x_recv, meta_recv, recv_counts, send_counts, token_slot, entries = (
+            torch.ops.moe_ep.dispatch_start(
+                x,
+                topk_ids,
+                topk_weights,
+                placement.expert_rank,
+                placement.expert_local,
+                placement.num_local_experts,
+                _group_name(group),
+            )
+        )
+        local = placement.num_local_experts
+
+        def finish() -> Dispatched:
+            grouped = torch.ops.moe_ep.dispatch_finish(x_recv, meta_recv, entries, local)
+            return Dispatched(*grouped, recv_counts, send_counts, token_slot)
+
+        return PendingDispatch(finish)
     return Dispatched(
         *torch.ops.moe_ep.dispatch(
             x,
@@ -224,13 +267,32 @@ def dispatch_capacity(
     placement: ExpertPlacement,
     capacity: int,
     group: dist.ProcessGroup | str | None = None,
-) -> CapacityDispatched:
+    async_op: bool = False,
+) -> CapacityDispatched | PendingDispatch:
     """Fixed-capacity dispatch: `capacity` rows to every rank, no count on the host.
 
     A token goes at most once to each rank, so capacity >= the largest T of any rank means
     no overflow. Call check() (or overflow()) before trusting the result: pairs over the
-    capacity are reported, never dropped silently.
+    capacity are reported, never dropped silently. async_op as for dispatch.
     """
+    if async_op:
+        x_recv, meta_recv, token_slot, status = torch.ops.moe_ep.dispatch_capacity_start(
+            x,
+            topk_ids,
+            topk_weights,
+            placement.expert_rank,
+            placement.expert_local,
+            placement.num_local_experts,
+            capacity,
+            _group_name(group),
+        )
+        local = placement.num_local_experts
+
+        def finish() -> CapacityDispatched:
+            grouped = torch.ops.moe_ep.dispatch_capacity_finish(x_recv, meta_recv, local)
+            return CapacityDispatched(*grouped, token_slot, status, capacity=capacity)
+
+        return PendingDispatch(finish)
     return CapacityDispatched(
         *torch.ops.moe_ep.dispatch_capacity(
             x,
@@ -250,16 +312,28 @@ def combine(
     y: torch.Tensor,
     dispatched: Dispatched | CapacityDispatched,
     group: dist.ProcessGroup | str | None = None,
-) -> torch.Tensor:
+    async_op: bool = False,
+) -> torch.Tensor | PendingCombine:
     """Weighted sum of each token's expert outputs, back on its rank in its order: [T, H].
 
     y holds the expert outputs in the row order dispatch produced (x_sorted or x_by_expert).
+    async_op: return a PendingCombine while the rows travel back.
     """
     if isinstance(dispatched, CapacityDispatched):
         world = dispatched.status.shape[0]
         recv_counts = send_counts = torch.full((world,), dispatched.capacity, dtype=torch.int64)
     else:
         recv_counts, send_counts = dispatched.recv_counts, dispatched.send_counts
+    if async_op:
+        returned = torch.ops.moe_ep.combine_start(
+            y,
+            dispatched.recv_row_of,
+            dispatched.recv_weights,
+            recv_counts,
+            send_counts,
+            _group_name(group),
+        )
+        return PendingCombine(returned, dispatched.token_slot)
     return torch.ops.moe_ep.combine(
         y,
         dispatched.recv_row_of,
@@ -319,6 +393,73 @@ def _dispatch_capacity_fake(
         x.new_empty(tuple(topk_ids.shape), dtype=torch.int32),
         x.new_empty((world, 4), dtype=torch.int32),
     )
+
+
+@torch.library.register_fake("moe_ep::dispatch_start")
+def _dispatch_start_fake(
+    x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts, group_name
+):
+    ctx = torch.library.get_ctx()
+    rows, world = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    width = min(topk_ids.shape[1], num_local_experts)
+    return (
+        x.new_empty((rows, x.shape[1])),
+        x.new_empty((rows, 2 * width), dtype=torch.int32),
+        torch.empty((world,), dtype=torch.int64),
+        torch.empty((world,), dtype=torch.int64),
+        x.new_empty(tuple(topk_ids.shape), dtype=torch.int32),
+        torch.empty((1,), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("moe_ep::dispatch_finish")
+def _dispatch_finish_fake(x_recv, meta_recv, recv_entries, num_local_experts):
+    entries = torch.library.get_ctx().new_dynamic_size()
+    width = meta_recv.shape[1] // 2
+    return (
+        x_recv.new_empty((entries, x_recv.shape[1])),
+        x_recv.new_empty((num_local_experts + 1,), dtype=torch.int64),
+        x_recv.new_empty((x_recv.shape[0], width), dtype=torch.int32),
+        x_recv.new_empty((x_recv.shape[0], width), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("moe_ep::dispatch_capacity_start")
+def _dispatch_capacity_start_fake(
+    x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts, capacity, group_name
+):
+    world = dist.distributed_c10d._resolve_process_group(group_name).size()
+    width = min(topk_ids.shape[1], num_local_experts)
+    rows = world * capacity
+    return (
+        x.new_empty((rows, x.shape[1])),
+        x.new_empty((rows, 2 * width + 4), dtype=torch.int32),
+        x.new_empty(tuple(topk_ids.shape), dtype=torch.int32),
+        x.new_empty((world, 4), dtype=torch.int32),
+    )
+
+
+@torch.library.register_fake("moe_ep::dispatch_capacity_finish")
+def _dispatch_capacity_finish_fake(x_recv, meta_recv, num_local_experts):
+    rows = x_recv.shape[0]
+    width = (meta_recv.shape[1] - 4) // 2
+    return (
+        x_recv.new_empty((num_local_experts * rows, x_recv.shape[1])),
+        x_recv.new_empty((num_local_experts,), dtype=torch.int64),
+        x_recv.new_empty((rows, width), dtype=torch.int32),
+        x_recv.new_empty((rows, width), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("moe_ep::combine_start")
+def _combine_start_fake(y, recv_row_of, recv_weights, recv_counts, send_counts, group_name):
+    rows = torch.library.get_ctx().new_dynamic_size()
+    return y.new_empty((rows, y.shape[1]))
+
+
+@torch.library.register_fake("moe_ep::combine_finish")
+def _combine_finish_fake(returned, token_slot):
+    return returned.new_empty((token_slot.shape[0], returned.shape[1]))
 
 
 @torch.library.register_fake("moe_ep::combine")

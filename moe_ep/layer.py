@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moe_ep import dispatcher, ops
+from moe_ep import dispatcher, ops, pipeline
 from moe_ep.dispatcher import ExpertPlacement
 
 
@@ -38,6 +39,9 @@ class MoELayer(nn.Module):
         on_overflow: in "capacity" mode, what to do when some (token, rank) pairs did not fit:
             "fallback" reruns the step with the exact-size dispatch, "raise" raises
             DispatchOverflow. Either way all ranks take the same decision.
+        num_chunks: micro-batches of the expert-parallel pipeline (1 = no overlap): the
+            dispatch of one chunk and the combine of another travel while a third computes.
+            Every rank must use the same value.
 
     Input [..., H] in the experts' dtype; output of the same shape and dtype. Under expert
     parallelism every rank of the group must call forward together (T may differ, even be 0).
@@ -64,6 +68,7 @@ class MoELayer(nn.Module):
         dispatch_mode: str = "exact",
         capacity: int | None = None,
         on_overflow: str = "fallback",
+        num_chunks: int = 2,
     ) -> None:
         super().__init__()
         if dispatch_mode not in ("exact", "capacity"):
@@ -72,7 +77,10 @@ class MoELayer(nn.Module):
             raise ValueError(f"dispatch_mode='capacity' needs a capacity >= 1, got {capacity}")
         if on_overflow not in ("fallback", "raise"):
             raise ValueError(f"on_overflow must be 'fallback' or 'raise', got {on_overflow!r}")
+        if num_chunks < 1:
+            raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
         self.dispatch_mode, self.capacity, self.on_overflow = dispatch_mode, capacity, on_overflow
+        self.num_chunks = num_chunks
         self.group = group
         if group is not None:
             placement = placement or ExpertPlacement.contiguous(num_experts, group.size())
@@ -154,42 +162,82 @@ class MoELayer(nn.Module):
     def experts(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
-        """The routed experts for given routing: on one rank permute, grouped FFN and
-        weighted combine; over a group dispatch, local grouped FFN and combine."""
+        """The routed experts for given routing, without chunking: on one rank permute,
+        grouped FFN and weighted combine; over a group dispatch, local FFN and combine."""
         if self.group is None:
             permuted, offsets, row_of = ops.permute(x, topk_ids, self.num_experts)
             y = ops.expert_ffn(permuted, offsets, self.w13, self.w2, self.activation)
             return ops.unpermute(y, row_of, topk_weights)
-        local = self.w13.shape[0]
+        pending = self.start_dispatch(x, topk_ids, topk_weights)
+        received = self.finish_dispatch(pending, x, topk_ids, topk_weights)
+        return self.start_combine(self.local_experts(received), received).wait()
+
+    # The expert-parallel step in phases, so that moe_ep.pipeline can interleave chunks.
+
+    def start_dispatch(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> dispatcher.PendingDispatch:
         if self.dispatch_mode == "capacity":
-            received = dispatcher.dispatch_capacity(
-                x, topk_ids, topk_weights, self.placement, self.capacity, self.group
+            return dispatcher.dispatch_capacity(
+                x, topk_ids, topk_weights, self.placement, self.capacity, self.group, True
             )
+        return dispatcher.dispatch(x, topk_ids, topk_weights, self.placement, self.group, True)
+
+    def finish_dispatch(
+        self,
+        pending: dispatcher.PendingDispatch,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+    ) -> dispatcher.Dispatched | dispatcher.CapacityDispatched:
+        """Waits for the rows; in capacity mode checks the status (identical on every rank)
+        and on overflow reruns the step with the exact-size dispatch or raises."""
+        received = pending.wait()
+        if isinstance(received, dispatcher.CapacityDispatched):
             try:
                 received.check()
             except dispatcher.DispatchOverflow:
                 if self.on_overflow == "raise":
                     raise
-            else:
-                rows = received.rows_per_expert * local
-                y = ops.expert_ffn(
-                    received.x_by_expert[:rows],
-                    received.expert_offsets(local),
-                    self.w13,
-                    self.w2,
-                    self.activation,
-                )
-                return dispatcher.combine(y, received, self.group)
-        received = dispatcher.dispatch(x, topk_ids, topk_weights, self.placement, self.group)
-        # Ranks with fewer experts than the widest one ignore the empty trailing groups.
-        offsets = received.expert_offsets[: local + 1]
-        y = ops.expert_ffn(received.x_sorted, offsets, self.w13, self.w2, self.activation)
-        return dispatcher.combine(y, received, self.group)
+                return dispatcher.dispatch(x, topk_ids, topk_weights, self.placement, self.group)
+        return received
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def local_experts(
+        self, received: dispatcher.Dispatched | dispatcher.CapacityDispatched
+    ) -> torch.Tensor:
+        """This rank's experts on the rows it received, in the order dispatch produced."""
+        local = self.w13.shape[0]
+        if isinstance(received, dispatcher.CapacityDispatched):
+            rows = received.x_by_expert[: received.rows_per_expert * local]
+            offsets = received.expert_offsets(local)
+        else:
+            # Ranks with fewer experts than the widest one ignore the empty trailing groups.
+            rows, offsets = received.x_sorted, received.expert_offsets[: local + 1]
+        return ops.expert_ffn(rows, offsets, self.w13, self.w2, self.activation)
+
+    def start_combine(
+        self, y: torch.Tensor, received: dispatcher.Dispatched | dispatcher.CapacityDispatched
+    ) -> dispatcher.PendingCombine:
+        return dispatcher.combine(y, received, self.group, async_op=True)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        overlap_fn: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        """[..., H] -> [..., H]. Under expert parallelism the tokens go through the chunked
+        pipeline (moe_ep.pipeline.moe_forward) with num_chunks chunks; overlap_fn(chunk, x)
+        runs while that chunk's results travel back, and what it returns is added to the
+        chunk's output (a shared expert, say)."""
         tokens = x.reshape(-1, self.hidden)
-        topk_ids, topk_weights = self.route(tokens)
-        return self.experts(tokens, topk_ids, topk_weights).view(x.shape)
+        if self.group is None:
+            topk_ids, topk_weights = self.route(tokens)
+            out = self.experts(tokens, topk_ids, topk_weights)
+            if overlap_fn is not None:
+                extra = overlap_fn(0, tokens)
+                out = out if extra is None else out + extra
+            return out.view(x.shape)
+        return pipeline.moe_forward(self, tokens, self.num_chunks, overlap_fn).view(x.shape)
 
     def extra_repr(self) -> str:
         return (

@@ -116,11 +116,13 @@ bool group_carries(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const at
                      [&](const c10::Device& d) { return d.type() == t.device().type(); });
 }
 
-// All-to-all of the rows of `input`: variable row splits per rank, or equal splits when both
-// lists are empty. Blocking.
-at::Tensor all_to_all_rows(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-                           const at::Tensor& input, std::vector<int64_t> send_rows,
-                           std::vector<int64_t> recv_rows) {
+// Starts an all-to-all of the rows of `input`: variable row splits per rank, or equal splits
+// when both lists are empty. The returned tensor is ready after c10d::wait_tensor: its work is
+// registered on it (the functional-collective idiom), so the caller computes meanwhile. A
+// transfer staged through host memory completes before returning.
+at::Tensor start_all_to_all_rows(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                                 const at::Tensor& input, std::vector<int64_t> send_rows,
+                                 std::vector<int64_t> recv_rows) {
   std::vector<int64_t> shape = input.sizes().vec();
   if (!recv_rows.empty()) {
     shape[0] = 0;
@@ -137,9 +139,21 @@ at::Tensor all_to_all_rows(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
   // alltoall_base: the name that every torch >= 2.4 has (newer ones alias it).
-  group->alltoall_base(recv, send, recv_rows, send_rows)->wait();
+  auto work = group->alltoall_base(recv, send, recv_rows, send_rows);
 #pragma GCC diagnostic pop
-  return stage ? recv.to(input.device()) : recv;
+  if (stage) {
+    work->wait();
+    return recv.to(input.device());
+  }
+  c10d::register_work(recv, work);
+  return recv;
+}
+
+at::Tensor all_to_all_rows(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                           const at::Tensor& input, std::vector<int64_t> send_rows,
+                           std::vector<int64_t> recv_rows) {
+  return c10d::wait_tensor(
+      start_all_to_all_rows(group, input, std::move(send_rows), std::move(recv_rows)));
 }
 
 std::vector<int64_t> host_values(const at::Tensor& t) {
@@ -242,10 +256,10 @@ dispatch_layout_impl(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
           l.send_local_ids, l.send_choice,  l.token_slot};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-dispatch_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-              const at::Tensor& expert_rank, const at::Tensor& expert_local,
-              int64_t num_local_experts, std::string_view group_name) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+dispatch_start_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                    const at::Tensor& expert_rank, const at::Tensor& expert_local,
+                    int64_t num_local_experts, std::string_view group_name) {
   check_dispatch_args(x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts);
   const auto group = resolve_group(std::string(group_name));
   const int64_t world = group->getSize();
@@ -274,8 +288,21 @@ dispatch_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor&
                                       .gather(1, layout.send_choice.clamp_min(0))
                                       .masked_fill(layout.send_choice < 0, 0.0f);
   const at::Tensor meta_send = at::cat({layout.send_local_ids, weights_send.view(at::kInt)}, 1);
-  const at::Tensor x_recv = all_to_all_rows(group, x_send, send_rows, recv_rows);
-  const at::Tensor meta_recv = all_to_all_rows(group, meta_send, send_rows, recv_rows);
+  return {start_all_to_all_rows(group, x_send, send_rows, recv_rows),
+          start_all_to_all_rows(group, meta_send, send_rows, recv_rows),
+          at::tensor(recv_rows, at::kLong),
+          at::tensor(send_rows, at::kLong),
+          layout.token_slot,
+          at::tensor({recv_entries}, at::kLong)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_finish_impl(
+    const at::Tensor& x_recv, const at::Tensor& meta_recv, const at::Tensor& recv_entries,
+    int64_t num_local_experts) {
+  c10d::wait_tensor(x_recv);
+  c10d::wait_tensor(meta_recv);
+  const int64_t slot_width = meta_recv.size(1) / 2;
+  const int64_t entry_count = recv_entries.item<int64_t>();  // a CPU tensor: no device read
   const at::Tensor recv_local = meta_recv.narrow(1, 0, slot_width);
   const at::Tensor recv_weights =
       meta_recv.narrow(1, slot_width, slot_width).contiguous().view(at::kFloat);
@@ -286,21 +313,28 @@ dispatch_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor&
   const at::Tensor key = at::where(valid, flat, num_local_experts);
   const at::Tensor entries =
       std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false))
-          .narrow(0, 0, recv_entries);
+          .narrow(0, 0, entry_count);
   const at::Tensor x_sorted = x_recv.index_select(0, at::floor_divide(entries, slot_width));
   const auto long_options = flat.options();
   at::Tensor expert_offsets = at::zeros({num_local_experts + 1}, long_options);
   expert_offsets.narrow(0, 1, num_local_experts)
       .copy_(at::bincount(flat.masked_select(valid), {}, num_local_experts).cumsum(0));
   at::Tensor recv_row_of = at::full({flat.size(0)}, -1, long_options);
-  recv_row_of.index_put_({entries}, at::arange(recv_entries, long_options));
-  return {x_sorted,
-          expert_offsets,
-          recv_row_of.view({-1, slot_width}).to(at::kInt),
-          recv_weights,
-          at::tensor(recv_rows, at::kLong),
-          at::tensor(send_rows, at::kLong),
-          layout.token_slot};
+  recv_row_of.index_put_({entries}, at::arange(entry_count, long_options));
+  return {x_sorted, expert_offsets, recv_row_of.view({-1, slot_width}).to(at::kInt), recv_weights};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+dispatch_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+              const at::Tensor& expert_rank, const at::Tensor& expert_local,
+              int64_t num_local_experts, std::string_view group_name) {
+  const auto [x_recv, meta_recv, recv_counts, send_counts, token_slot, recv_entries] =
+      dispatch_start_impl(x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts,
+                          group_name);
+  const auto [x_sorted, expert_offsets, recv_row_of, recv_weights] =
+      dispatch_finish_impl(x_recv, meta_recv, recv_entries, num_local_experts);
+  return {x_sorted,    expert_offsets, recv_row_of, recv_weights,
+          recv_counts, send_counts,    token_slot};
 }
 
 // Fixed-capacity dispatch (decode): every rank sends `capacity` rows to every rank, so all
@@ -330,11 +364,10 @@ void check_status(const at::Tensor& status, int64_t hidden, int64_t num_experts,
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-dispatch_capacity_impl(const at::Tensor& x, const at::Tensor& topk_ids,
-                       const at::Tensor& topk_weights, const at::Tensor& expert_rank,
-                       const at::Tensor& expert_local, int64_t num_local_experts, int64_t capacity,
-                       std::string_view group_name) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_capacity_start_impl(
+    const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+    const at::Tensor& expert_rank, const at::Tensor& expert_local, int64_t num_local_experts,
+    int64_t capacity, std::string_view group_name) {
   check_dispatch_args(x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts);
   TORCH_CHECK(capacity >= 1, "moe_ep: argument 'capacity' must be >= 1, got ", capacity);
   const auto group = resolve_group(std::string(group_name));
@@ -398,10 +431,18 @@ dispatch_capacity_impl(const at::Tensor& x, const at::Tensor& topk_ids,
   const at::Tensor status =
       meta_recv.view({world, capacity, meta_width}).select(1, 0).narrow(1, 2 * width, kStatusSize);
   if (!x.is_cuda()) check_status(status, hidden, num_experts, group->getRank());
-  const at::Tensor x_recv = all_to_all_rows(group, x_send.narrow(0, 0, rows), {}, {});
+  return {start_all_to_all_rows(group, x_send.narrow(0, 0, rows), {}, {}), meta_recv,
+          at::where(first & (row_of_choice < trash), row_of_choice, -1).to(at::kInt), status};
+}
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_capacity_finish_impl(
+    const at::Tensor& x_recv, const at::Tensor& meta_recv, int64_t num_local_experts) {
+  c10d::wait_tensor(x_recv);
+  const int64_t rows = x_recv.size(0), hidden = x_recv.size(1);
+  const int64_t width = (meta_recv.size(1) - kStatusSize) / 2;
+  const auto long_options = meta_recv.options().dtype(at::kLong);
   // Place each received (row, slot) entry in its expert's block, in arrival order.
-  const int64_t block = rows;  // M
+  const int64_t block = rows;  // M: an expert receives at most one entry per received row
   const at::Tensor recv_local = meta_recv.narrow(1, 0, width).reshape({-1}).to(at::kLong);
   const at::Tensor valid = recv_local >= 0;
   const at::Tensor one_hot =
@@ -410,24 +451,30 @@ dispatch_capacity_impl(const at::Tensor& x, const at::Tensor& topk_ids,
       (one_hot.cumsum(0) - 1).gather(1, recv_local.clamp_min(0).unsqueeze(1)).squeeze(1);
   const int64_t expert_trash = num_local_experts * block;
   const at::Tensor entry_row = at::where(valid, recv_local * block + rank_in_expert, expert_trash);
-  at::Tensor x_by_expert = at::zeros({expert_trash + 1, hidden}, x.options());
+  at::Tensor x_by_expert = at::zeros({expert_trash + 1, hidden}, x_recv.options());
   const at::Tensor entry_rows = entry_row.view({rows, width});
   for (int64_t s = 0; s < width; ++s) x_by_expert.index_put_({entry_rows.select(1, s)}, x_recv);
   const at::Tensor recv_weights = meta_recv.narrow(1, width, width).contiguous().view(at::kFloat);
-  return {x_by_expert.narrow(0, 0, expert_trash),
-          one_hot.sum(0),
-          at::where(valid, entry_row, -1).view({rows, width}).to(at::kInt),
-          recv_weights,
-          at::where(first & (row_of_choice < trash), row_of_choice, -1).to(at::kInt),
-          status};
+  return {x_by_expert.narrow(0, 0, expert_trash), one_hot.sum(0),
+          at::where(valid, entry_row, -1).view({rows, width}).to(at::kInt), recv_weights};
 }
 
-at::Tensor combine_impl(const at::Tensor& y_sorted, const at::Tensor& recv_row_of,
-                        const at::Tensor& recv_weights, const at::Tensor& recv_counts,
-                        const at::Tensor& send_counts, const at::Tensor& token_slot,
-                        std::string_view group_name) {
-  check_dim(token_slot, 2, "token_slot");
-  check_dtype(token_slot, at::kInt, "token_slot");
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+dispatch_capacity_impl(const at::Tensor& x, const at::Tensor& topk_ids,
+                       const at::Tensor& topk_weights, const at::Tensor& expert_rank,
+                       const at::Tensor& expert_local, int64_t num_local_experts, int64_t capacity,
+                       std::string_view group_name) {
+  const auto [x_recv, meta_recv, token_slot, status] =
+      dispatch_capacity_start_impl(x, topk_ids, topk_weights, expert_rank, expert_local,
+                                   num_local_experts, capacity, group_name);
+  const auto [x_by_expert, expert_counts, recv_row_of, recv_weights] =
+      dispatch_capacity_finish_impl(x_recv, meta_recv, num_local_experts);
+  return {x_by_expert, expert_counts, recv_row_of, recv_weights, token_slot, status};
+}
+
+at::Tensor combine_start_impl(const at::Tensor& y, const at::Tensor& recv_row_of,
+                              const at::Tensor& recv_weights, const at::Tensor& recv_counts,
+                              const at::Tensor& send_counts, std::string_view group_name) {
   check_dim(recv_counts, 1, "recv_counts");
   check_dim(send_counts, 1, "send_counts");
   const auto group = resolve_group(std::string(group_name));
@@ -435,11 +482,25 @@ at::Tensor combine_impl(const at::Tensor& y_sorted, const at::Tensor& recv_row_o
               "moe_ep: arguments 'recv_counts' and 'send_counts' must have one entry per rank (",
               group->getSize(), ")");
   // Each received row leaves as one reduced row: its entries' weighted sum.
-  const at::Tensor partial = unpermute_trusted(y_sorted, recv_row_of, recv_weights);
-  const at::Tensor returned =
-      all_to_all_rows(group, partial, host_values(recv_counts), host_values(send_counts));
+  const at::Tensor partial = unpermute_trusted(y, recv_row_of, recv_weights);
+  return start_all_to_all_rows(group, partial, host_values(recv_counts), host_values(send_counts));
+}
+
+at::Tensor combine_finish_impl(const at::Tensor& returned, const at::Tensor& token_slot) {
+  check_dim(token_slot, 2, "token_slot");
+  check_dtype(token_slot, at::kInt, "token_slot");
+  c10d::wait_tensor(returned);
   return unpermute_trusted(returned, token_slot,
                            at::ones(token_slot.sizes(), token_slot.options().dtype(at::kFloat)));
+}
+
+at::Tensor combine_impl(const at::Tensor& y, const at::Tensor& recv_row_of,
+                        const at::Tensor& recv_weights, const at::Tensor& recv_counts,
+                        const at::Tensor& send_counts, const at::Tensor& token_slot,
+                        std::string_view group_name) {
+  return combine_finish_impl(
+      combine_start_impl(y, recv_row_of, recv_weights, recv_counts, send_counts, group_name),
+      token_slot);
 }
 
 }  // namespace
@@ -447,15 +508,27 @@ at::Tensor combine_impl(const at::Tensor& y_sorted, const at::Tensor& recv_row_o
 TORCH_LIBRARY_IMPL(moe_ep, CPU, m) {
   m.impl("dispatch_layout", &dispatch_layout_impl);
   m.impl("dispatch", &dispatch_impl);
+  m.impl("dispatch_start", &dispatch_start_impl);
+  m.impl("dispatch_finish", &dispatch_finish_impl);
   m.impl("dispatch_capacity", &dispatch_capacity_impl);
+  m.impl("dispatch_capacity_start", &dispatch_capacity_start_impl);
+  m.impl("dispatch_capacity_finish", &dispatch_capacity_finish_impl);
   m.impl("combine", &combine_impl);
+  m.impl("combine_start", &combine_start_impl);
+  m.impl("combine_finish", &combine_finish_impl);
 }
 
 TORCH_LIBRARY_IMPL(moe_ep, CUDA, m) {
   m.impl("dispatch_layout", &dispatch_layout_impl);
   m.impl("dispatch", &dispatch_impl);
+  m.impl("dispatch_start", &dispatch_start_impl);
+  m.impl("dispatch_finish", &dispatch_finish_impl);
   m.impl("dispatch_capacity", &dispatch_capacity_impl);
+  m.impl("dispatch_capacity_start", &dispatch_capacity_start_impl);
+  m.impl("dispatch_capacity_finish", &dispatch_capacity_finish_impl);
   m.impl("combine", &combine_impl);
+  m.impl("combine_start", &combine_start_impl);
+  m.impl("combine_finish", &combine_finish_impl);
 }
 
 }  // namespace moe_ep::ops

@@ -53,6 +53,28 @@ TORCH_LIBRARY(moe_ep, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Weighted reduction of the expert outputs on the receiving rank, the reverse all-to-all,
   // and the sum of each token's partial rows in its original order: [T, H].
+  // Each of dispatch, dispatch_capacity and combine is also split in two for overlap: *_start
+  // computes the layout and starts the transfers (their results are registered with c10d, as
+  // functional collectives do), *_finish waits for them and completes the op. The caller
+  // computes in between; every rank must issue the same sequence of starts.
+  m.def(
+      "dispatch_start(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor expert_rank, "
+      "Tensor expert_local, int num_local_experts, str group_name) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "dispatch_finish(Tensor x_recv, Tensor meta_recv, Tensor recv_entries, "
+      "int num_local_experts) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "dispatch_capacity_start(Tensor x, Tensor topk_ids, Tensor topk_weights, "
+      "Tensor expert_rank, Tensor expert_local, int num_local_experts, int capacity, "
+      "str group_name) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "dispatch_capacity_finish(Tensor x_recv, Tensor meta_recv, int num_local_experts) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "combine_start(Tensor y, Tensor recv_row_of, Tensor recv_weights, Tensor recv_counts, "
+      "Tensor send_counts, str group_name) -> Tensor");
+  m.def("combine_finish(Tensor returned, Tensor token_slot) -> Tensor");
   m.def(
       "combine(Tensor y_sorted, Tensor recv_row_of, Tensor recv_weights, Tensor recv_counts, "
       "Tensor send_counts, Tensor token_slot, str group_name) -> Tensor");
