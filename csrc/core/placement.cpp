@@ -331,9 +331,11 @@ class NodeAssignment {
       double best = hit_[heavy] - improvement_epsilon(hit_[heavy]);
       int best_light = -1, best_x = -1, best_y = -1;
       double best_heavy_hit = 0, best_light_hit = 0;
+      fill_shares(heavy, count, share_a_);
       for (int l = 0; l < light_count; ++l) {
         const int light = by_hit[l];
         if (light == heavy) continue;
+        fill_shares(light, count, share_b_);
         const auto& heavy_bins = bins_of_node_[heavy];
         const auto& light_bins = bins_of_node_[light];
         for (int x = 0; x < static_cast<int>(heavy_bins.size()); ++x) {
@@ -400,25 +402,22 @@ class NodeAssignment {
     }
   }
 
-  // Copies nodes a and b would receive if bin x (on a) and bin y (on b) traded places.
+  // share[e] = share of expert e's replicas on `node`, for every expert.
+  void fill_shares(int node, const std::vector<int>& count, std::vector<double>& share) const {
+    share.resize(count.size());
+    for (size_t e = 0; e < count.size(); ++e) {
+      share[e] = node_share(nodes_, count, static_cast<int>(e), node);
+    }
+  }
+
+  // Copies nodes a and b would receive if bin x (on a) and bin y (on b) traded places;
+  // share_a_ and share_b_ must hold the current shares on a and b.
   std::pair<double, double> hits_after_swap(int x, int a, int y, int b,
                                             const std::vector<int>& samples, int top_k,
                                             const std::vector<int>& count, double sample_tokens) {
-    // Replica moves: +1 on the destination node, -1 on the source, per expert.
-    auto replicas_moved = [&](int expert, int node) {
-      int delta = 0;
-      for (int slot : packing_.slots_of_gpu[x]) {
-        if (packing_.slot_expert[slot] == expert) delta += node == b ? 1 : node == a ? -1 : 0;
-      }
-      for (int slot : packing_.slots_of_gpu[y]) {
-        if (packing_.slot_expert[slot] == expert) delta += node == a ? 1 : node == b ? -1 : 0;
-      }
-      return delta;
-    };
-    auto share_after = [&](int expert, int node) {
-      return node_share(nodes_, count, expert, node) +
-             static_cast<double>(replicas_moved(expert, node)) / count[expert];
-    };
+    moved_to_b_.resize(count.size(), 0);  // replicas of each expert going from a to b
+    for (int slot : packing_.slots_of_gpu[x]) ++moved_to_b_[packing_.slot_expert[slot]];
+    for (int slot : packing_.slots_of_gpu[y]) --moved_to_b_[packing_.slot_expert[slot]];
     double hit_a = hit_[a], hit_b = hit_[b];
     ++current_stamp_;
     for (int bin : {x, y}) {
@@ -429,15 +428,19 @@ class NodeAssignment {
           double miss_a = 1, miss_b = 1, miss_a_after = 1, miss_b_after = 1;
           for (int i = 0; i < top_k; ++i) {
             const int e = samples[s * top_k + i];
-            miss_a *= 1 - node_share(nodes_, count, e, a);
-            miss_b *= 1 - node_share(nodes_, count, e, b);
-            miss_a_after *= 1 - share_after(e, a);
-            miss_b_after *= 1 - share_after(e, b);
+            const double moved = static_cast<double>(moved_to_b_[e]) / count[e];
+            miss_a *= 1 - share_a_[e];
+            miss_b *= 1 - share_b_[e];
+            miss_a_after *= 1 - (share_a_[e] - moved);
+            miss_b_after *= 1 - (share_b_[e] + moved);
           }
           hit_a += sample_tokens * (miss_a - miss_a_after);
           hit_b += sample_tokens * (miss_b - miss_b_after);
         }
       }
+    }
+    for (int bin : {x, y}) {
+      for (int slot : packing_.slots_of_gpu[bin]) moved_to_b_[packing_.slot_expert[slot]] = 0;
     }
     return {hit_a, hit_b};
   }
@@ -452,6 +455,8 @@ class NodeAssignment {
   std::vector<std::vector<int>> samples_of_expert_;
   std::vector<int> stamp_;
   int current_stamp_ = 0;
+  std::vector<double> share_a_, share_b_;
+  std::vector<int> moved_to_b_;
 };
 
 LayerPlacement plan_moe_layer(int layer, const LayerStats& stats, const ModelSpec& model,
