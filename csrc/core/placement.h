@@ -33,8 +33,8 @@
 //               topology_aware, the GPUs' contents are then permuted across nodes to
 //               balance node load and, with co-activation samples, improved by swaps that
 //               lower the busiest node's link load. Permuting whole GPU contents keeps the
-//               per-GPU balance exactly; so among placements of equal GPU balance it
-//               chooses one with a lower maximum link load.
+//               per-GPU balance exactly: among placements of equal GPU balance it
+//               searches for a low maximum link load (local search, not an optimum).
 //   kGreedy     the baseline of public EPLB-style balancers: same replica counts, slots
 //               packed heaviest-first into the lightest GPU, no swaps, no topology step.
 //   kSequential the seeds' layout: expert slots numbered layer by layer
@@ -83,7 +83,9 @@ enum class Policy { kBalanced, kGreedy, kSequential };
 
 struct PlanOptions {
   Policy policy = Policy::kBalanced;
-  int redundant_experts = -1;  // replicas per MoE layer beyond E; -1: as many as fit
+  // Replicas per MoE layer beyond E; -1: as many as memory allows, up to one slot per GPU
+  // (E <= G) or floor(E / G) + 1 slots per GPU (E > G).
+  int redundant_experts = -1;
   double memory_reserve_bytes = 0.0;
   bool topology_aware = true;  // kBalanced only
 };
