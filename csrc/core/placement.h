@@ -1,0 +1,126 @@
+// Expert placement planner: which GPU hosts which (replica of an) expert of every MoE layer.
+//
+// Terms
+//   E      experts per MoE layer (logical experts), G GPUs in the cluster, N nodes.
+//   slot   a physical expert: one copy of one logical expert's weights on one GPU.
+//   load   expected (token, expert) pairs per step. An expert's load is split evenly over
+//          its replicas (the dispatcher picks a replica uniformly), so a GPU's load is the
+//          sum over its slots of load[e] / replica_count[e].
+//
+// Token-source and traffic model (used for every "link load" below)
+//   * The tokens of every layer originate uniformly on all G GPUs (attention runs data
+//     parallel on every GPU of the EP group).
+//   * Dispatch is node-deduplicated, as in DeepEP's internode mode: a token sends one copy
+//     over the network to every remote node that hosts at least one of its chosen experts,
+//     and the receiving node forwards it over NVLink to the GPUs that need it.
+//   * hit[m] = expected token copies that node m must receive (from anywhere). With
+//     co-activation samples, a sample S (the experts one token chose) hits node m with
+//     probability 1 - prod_{e in S} (1 - f_e(m)), f_e(m) = share of e's replicas on m,
+//     each sample standing for load_total / (samples * top_k) tokens. Without samples, every
+//     (token, expert) pair is counted as its own copy (no dedup: an upper bound), so
+//     hit[m] = the node's load.
+//   * Inter-node link load of node m, per NIC (one NIC per GPU):
+//       in[m]  = hit[m] * (N - 1) / N / gpus_per_node        (copies from other nodes)
+//       out[m] = (sum_n hit[n] - hit[m]) / N / gpus_per_node (copies node m sends away)
+//     link[m] = max(in[m], out[m]); the combine step sends the same amounts back.
+//   * NVLink load of a GPU = its load * (1 - 1/G): every pair it processes that did not
+//     originate on itself crosses its NVLink port once (directly from a node peer, or
+//     forwarded after the network). It follows the GPU load, so balancing GPUs balances it.
+//
+// Policies
+//   kBalanced   replicas by highest load per replica; GPUs packed heaviest-first into the
+//               lightest GPU, then improved by slot swaps (never worse than kGreedy); with
+//               topology_aware, the GPUs' contents are then permuted across nodes to
+//               balance node load and, with co-activation samples, improved by swaps that
+//               lower the busiest node's link load. Permuting whole GPU contents keeps the
+//               per-GPU balance exactly: among placements of equal GPU balance it
+//               searches for a low maximum link load (local search, not an optimum).
+//   kGreedy     the baseline of public EPLB-style balancers: same replica counts, slots
+//               packed heaviest-first into the lightest GPU, no swaps, no topology step.
+//   kSequential the seeds' layout: expert slots numbered layer by layer
+//               (slot s = moe_ordinal * E + e) and placed on GPU s mod G, the dense layers
+//               continuing the count after the last expert; no replicas. On 488 x 8 GPUs
+//               with 61 layers (0-2 dense) and 64 experts it is exactly the seeds' map.
+//
+// Memory: a GPU holds bytes_per_expert for each slot it hosts (summed over layers) and
+// dense_layer_bytes for each dense layer it runs (kBalanced / kGreedy: every GPU runs every
+// dense layer; kSequential: one GPU per dense layer). The budget is
+// gpu_memory_bytes - memory_reserve_bytes (the reserve holds attention weights, KV cache and
+// activations); gpu_memory_bytes == 0 means no limit. When E is not a multiple of G the
+// GPUs that take the extra slot rotate from layer to layer, so memory stays balanced.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/topology.h"
+
+namespace moe_ep::core {
+
+// Weight bytes of one gated FFN expert (three hidden x ffn_hidden matrices: gate, up, down).
+double gated_ffn_bytes(int64_t hidden, int64_t ffn_hidden, int64_t dtype_bytes);
+
+struct ModelSpec {
+  int num_layers = 61;
+  std::vector<int> dense_layers = {0, 1, 2};  // layer indices without experts
+  int experts_per_layer = 64;
+  int top_k = 2;
+  double bytes_per_expert = 0.0;
+  double dense_layer_bytes = 0.0;  // FFN weights of one dense layer
+
+  std::vector<int> moe_layers() const;  // the other layer indices, ascending
+  void validate() const;
+};
+
+// Optional statistics of one MoE layer.
+struct LayerStats {
+  std::vector<double> expert_load;  // size E (or empty: derived from samples, else uniform)
+  std::vector<int> coactivation;    // samples x top_k expert ids, row-major (may be empty)
+};
+
+enum class Policy { kBalanced, kGreedy, kSequential };
+
+struct PlanOptions {
+  Policy policy = Policy::kBalanced;
+  // Replicas per MoE layer beyond E; -1: as many as memory allows, up to one slot per GPU
+  // (E <= G) or floor(E / G) + 1 slots per GPU (E > G).
+  int redundant_experts = -1;
+  double memory_reserve_bytes = 0.0;
+  bool topology_aware = true;  // kBalanced only
+};
+
+struct LayerMetrics {
+  double max_gpu_load = 0.0;
+  double mean_gpu_load = 0.0;  // over the GPUs that host a slot of the layer
+  double max_link_load = 0.0;  // inter-node, tokens per NIC per step (see header comment)
+  double max_nvlink_load = 0.0;
+};
+
+struct LayerPlacement {
+  int layer = 0;
+  bool dense = false;
+  // MoE layers: slots ordered by GPU, then expert.
+  std::vector<int> phy2log;               // slot -> logical expert
+  std::vector<std::vector<int>> log2phy;  // logical expert -> its slots, ascending
+  std::vector<int> replica_count;         // logical expert -> number of slots
+  // MoE layers: the GPU of every slot; dense layers: the GPUs that hold the layer.
+  std::vector<int> gpus;
+  LayerMetrics metrics;
+};
+
+struct Placement {
+  std::vector<LayerPlacement> layers;   // all num_layers, in layer order
+  std::vector<double> gpu_memory_used;  // bytes per GPU
+};
+
+// Plans every layer. stats is empty or holds one entry per MoE layer (ascending layer order).
+// Throws std::invalid_argument naming the offending field.
+Placement plan_placement(const ModelSpec& model, const ClusterSpec& cluster,
+                         const std::vector<LayerStats>& stats, const PlanOptions& options);
+
+// Metrics of one MoE layer placement under the traffic model above.
+LayerMetrics evaluate_layer(const LayerPlacement& layer, const ClusterSpec& cluster,
+                            const LayerStats& stats, int top_k);
+
+}  // namespace moe_ep::core

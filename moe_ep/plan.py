@@ -1,0 +1,325 @@
+"""Expert placement plans: a thin view of the C++ planner (csrc/core/placement.h).
+
+The planner decides, for every MoE layer, the physical expert slots (``phy2log``,
+``log2phy``, replica counts) and the GPU of each slot; ``Placement`` holds the result,
+round-trips through JSON and prints a summary. The traffic model behind the link loads
+(tokens originate uniformly on all GPUs, node-deduplicated dispatch) is documented in the
+C++ header.
+
+    python -m moe_ep.plan --preset seeds --out seeds.json
+    python -m moe_ep.plan --preset deepseek-v3 --zipf 1.0 --out v3.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from moe_ep import _C
+
+POLICIES = ("balanced", "greedy", "sequential")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    num_nodes: int = 488
+    gpus_per_node: int = 8
+    intra_node_bandwidth: float = 450e9  # bytes/s per GPU and direction (H100 NVLink)
+    intra_node_latency: float = 3e-6
+    inter_node_bandwidth: float = 50e9  # bytes/s per GPU NIC (400 Gb/s InfiniBand)
+    inter_node_latency: float = 10e-6
+    gpu_memory_bytes: float = 80e9  # 0: no limit
+
+    @property
+    def num_gpus(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Model:
+    num_layers: int = 61
+    dense_layers: tuple[int, ...] = (0, 1, 2)
+    experts_per_layer: int = 64
+    top_k: int = 2
+    bytes_per_expert: float = 0.0
+    dense_layer_bytes: float = 0.0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [layer for layer in range(self.num_layers) if layer not in self.dense_layers]
+
+
+def gated_ffn_bytes(hidden: int, ffn_hidden: int, dtype_bytes: int = 2) -> float:
+    """Weights of one gated FFN (gate, up and down: 3 x hidden x ffn_hidden x dtype bytes)."""
+    return _C.gated_ffn_bytes(hidden, ffn_hidden, dtype_bytes)
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: Model
+    cluster: Cluster
+    policy: str
+
+
+def _presets() -> dict[str, Preset]:
+    expert = gated_ffn_bytes(7168, 2048)
+    # The seeds' model; their dense layers' FFN width is not given, 2048 is assumed.
+    seeds = Model(61, (0, 1, 2), 64, 2, expert, expert)
+    # DeepSeek-V3's public config: 256 routed experts, top-8, dense FFN 18432.
+    v3 = Model(61, (0, 1, 2), 256, 8, expert, gated_ffn_bytes(7168, 18432))
+    return {
+        # The seeds run 64 GB GPUs; the layout is the seeds' own (see kSequential).
+        "seeds": Preset(seeds, Cluster(gpu_memory_bytes=64e9), "sequential"),
+        "deepseek-v3": Preset(v3, Cluster(), "balanced"),
+    }
+
+
+PRESETS = _presets()
+
+
+@dataclass(frozen=True)
+class LayerMetrics:
+    """Expected per-step figures of one MoE layer (tokens are (token, expert) pairs)."""
+
+    max_gpu_load: float = 0.0
+    mean_gpu_load: float = 0.0
+    max_link_load: float = 0.0  # tokens per NIC crossing the network, busiest node
+    max_nvlink_load: float = 0.0
+
+    @property
+    def imbalance(self) -> float:
+        return self.max_gpu_load / self.mean_gpu_load if self.mean_gpu_load else 1.0
+
+
+@dataclass(frozen=True)
+class LayerPlacement:
+    layer: int
+    dense: bool
+    phy2log: tuple[int, ...]  # slot -> logical expert (slots ordered by GPU)
+    log2phy: tuple[tuple[int, ...], ...]  # logical expert -> its slots
+    replica_count: tuple[int, ...]
+    gpus: tuple[int, ...]  # MoE: GPU of each slot; dense: GPUs that hold the layer
+    metrics: LayerMetrics = field(default_factory=LayerMetrics)
+
+    def padded_log2phy(self) -> list[list[int]]:
+        """log2phy as a rectangle padded with -1 (the shape a dispatch kernel indexes)."""
+        width = max(self.replica_count, default=0)
+        return [list(slots) + [-1] * (width - len(slots)) for slots in self.log2phy]
+
+
+@dataclass(frozen=True)
+class Placement:
+    model: Model
+    cluster: Cluster
+    policy: str
+    layers: tuple[LayerPlacement, ...]
+    gpu_memory_used: tuple[float, ...]  # bytes per GPU
+
+    @property
+    def moe_layers(self) -> list[LayerPlacement]:
+        return [layer for layer in self.layers if not layer.dense]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Placement:
+        model = d["model"]
+        return cls(
+            model=Model(**{**model, "dense_layers": tuple(model["dense_layers"])}),
+            cluster=Cluster(**d["cluster"]),
+            policy=d["policy"],
+            layers=tuple(_layer_from_dict(layer) for layer in d["layers"]),
+            gpu_memory_used=tuple(d["gpu_memory_used"]),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Placement:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str) -> Placement:
+        with open(path) as f:
+            return cls.from_json(f.read())
+
+    def summary(self) -> str:
+        used = [b for b in self.gpu_memory_used if b > 0]
+        moe = [layer.metrics for layer in self.moe_layers]
+        worst = max(moe, key=lambda m: m.imbalance)
+        slots = {len(layer.phy2log) for layer in self.moe_layers}
+        lines = [
+            f"policy {self.policy}: {len(self.layers)} layers ({len(moe)} MoE, "
+            f"{self.model.experts_per_layer} experts, {sorted(slots)} slots per layer) on "
+            f"{self.cluster.num_nodes} x {self.cluster.gpus_per_node} GPUs",
+            f"GPUs used: {len(used)} of {self.cluster.num_gpus}",
+            f"memory per used GPU: max {max(used) / 1e9:.3f} GB, mean "
+            f"{sum(used) / len(used) / 1e9:.3f} GB, min {min(used) / 1e9:.3f} GB "
+            f"(of {self.cluster.gpu_memory_bytes / 1e9:.1f} GB)",
+            f"expected GPU load max/mean: worst layer {worst.imbalance:.3f} "
+            f"(layer max {worst.max_gpu_load:.1f}), mean over layers "
+            f"{sum(m.imbalance for m in moe) / len(moe):.3f}",
+            f"max inter-node link load: {max(m.max_link_load for m in moe):.1f} tokens per NIC "
+            f"per layer step; max NVLink load {max(m.max_nvlink_load for m in moe):.1f}",
+        ]
+        return "\n".join(lines)
+
+
+def _layer_from_dict(d: dict) -> LayerPlacement:
+    return LayerPlacement(
+        layer=d["layer"],
+        dense=d["dense"],
+        phy2log=tuple(d["phy2log"]),
+        log2phy=tuple(tuple(slots) for slots in d["log2phy"]),
+        replica_count=tuple(d["replica_count"]),
+        gpus=tuple(d["gpus"]),
+        metrics=LayerMetrics(**d["metrics"]),
+    )
+
+
+def plan(
+    model: Model,
+    cluster: Cluster,
+    loads: Sequence[Sequence[float]] | None = None,
+    coactivation: Sequence[Sequence[Sequence[int]]] | None = None,
+    policy: str = "balanced",
+    redundant_experts: int = -1,
+    memory_reserve_bytes: float = 0.0,
+    topology_aware: bool = True,
+) -> Placement:
+    """Plans every layer. ``loads[i]`` holds the token counts of the experts of the i-th MoE
+    layer; ``coactivation[i]`` holds samples of the top-k experts one token chose (rows of
+    ``model.top_k`` ids). Both are optional (uniform loads when absent). Raises ValueError
+    naming the bad field."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+    num_moe = len(model.moe_layers)
+    stats: list[dict] = []
+    if loads is not None or coactivation is not None:
+        for name, given in (("loads", loads), ("coactivation", coactivation)):
+            if given is not None and len(given) != num_moe:
+                raise ValueError(f"{name}: expected {num_moe} MoE layers, got {len(given)}")
+        for i in range(num_moe):
+            entry = {}
+            if loads is not None:
+                entry["expert_load"] = [float(x) for x in loads[i]]
+            if coactivation is not None:
+                entry["coactivation"] = [int(e) for row in coactivation[i] for e in row]
+            stats.append(entry)
+    options = {
+        "policy": policy,
+        "redundant_experts": redundant_experts,
+        "memory_reserve_bytes": memory_reserve_bytes,
+        "topology_aware": topology_aware,
+    }
+    model_dict = {**dataclasses.asdict(model), "dense_layers": list(model.dense_layers)}
+    raw = _C.plan_placement(model_dict, dataclasses.asdict(cluster), stats, options)
+    return Placement(
+        model=model,
+        cluster=cluster,
+        policy=policy,
+        layers=tuple(_layer_from_dict(layer) for layer in raw["layers"]),
+        gpu_memory_used=tuple(raw["gpu_memory_used"]),
+    )
+
+
+def zipf_loads(
+    num_layers: int, experts: int, skew: float, tokens: float = 1e5, seed: int = 0
+) -> list[list[float]]:
+    """Synthetic per-expert token counts: Zipf weights 1 / rank^skew, ranks shuffled per
+    layer with a fixed seed, scaled to ``tokens`` (token, expert) pairs per layer."""
+    import random
+
+    rng = random.Random(seed)
+    layers = []
+    for _ in range(num_layers):
+        weights = [1.0 / math.pow(rank + 1, skew) for rank in range(experts)]
+        rng.shuffle(weights)
+        total = sum(weights)
+        layers.append([tokens * w / total for w in weights])
+    return layers
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m moe_ep.plan",
+        description="Plan expert placement, print a summary, write the plan as JSON.",
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="seeds")
+    p.add_argument("--gpus", type=int, help="total GPUs (nodes = gpus / gpus-per-node)")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--gpu-memory-gb", type=float, help="per GPU, 0 for no limit")
+    p.add_argument("--reserve-gb", type=float, default=0.0, help="memory kept for the rest")
+    p.add_argument("--experts", type=int, help="experts per MoE layer")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--policy", choices=POLICIES, help="default: the preset's")
+    p.add_argument("--redundant", type=int, default=-1, help="replicas per layer; -1: auto")
+    p.add_argument("--no-topology", action="store_true", help="skip the node-level step")
+    loads = p.add_mutually_exclusive_group()
+    loads.add_argument("--loads", help="JSON file: per MoE layer, token counts per expert")
+    loads.add_argument("--zipf", type=float, help="synthetic Zipf loads with this skew")
+    p.add_argument("--coactivation", help="JSON file: per MoE layer, rows of top-k expert ids")
+    p.add_argument("--out", default="placement.json", help="where to write the plan")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> Placement:
+    args = _parse_args(argv)
+    preset = PRESETS[args.preset]
+    model, cluster = preset.model, preset.cluster
+    if args.experts is not None:
+        model = dataclasses.replace(model, experts_per_layer=args.experts)
+    if args.top_k is not None:
+        model = dataclasses.replace(model, top_k=args.top_k)
+    if args.gpus_per_node is not None:
+        cluster = dataclasses.replace(cluster, gpus_per_node=args.gpus_per_node)
+    if args.gpus is not None:
+        if args.gpus % cluster.gpus_per_node:
+            raise SystemExit(f"--gpus {args.gpus} is not a multiple of {cluster.gpus_per_node}")
+        cluster = dataclasses.replace(cluster, num_nodes=args.gpus // cluster.gpus_per_node)
+    if args.nodes is not None:
+        cluster = dataclasses.replace(cluster, num_nodes=args.nodes)
+    if args.gpu_memory_gb is not None:
+        cluster = dataclasses.replace(cluster, gpu_memory_bytes=args.gpu_memory_gb * 1e9)
+    loads = None
+    if args.loads:
+        with open(args.loads) as f:
+            loads = json.load(f)
+    elif args.zipf is not None:
+        loads = zipf_loads(len(model.moe_layers), model.experts_per_layer, args.zipf)
+    coactivation = None
+    if args.coactivation:
+        with open(args.coactivation) as f:
+            coactivation = json.load(f)
+    try:
+        placement = plan(
+            model,
+            cluster,
+            loads=loads,
+            coactivation=coactivation,
+            policy=args.policy or preset.policy,
+            redundant_experts=args.redundant,
+            memory_reserve_bytes=args.reserve_gb * 1e9,
+            topology_aware=not args.no_topology,
+        )
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(placement.summary())
+    placement.save(args.out)
+    print(f"wrote {args.out}")
+    return placement
+
+
+if __name__ == "__main__":
+    main()
