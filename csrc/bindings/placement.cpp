@@ -19,8 +19,8 @@ T field(const py::dict& dict, const char* name, T fallback) {
   return dict.contains(name) ? dict[name].cast<T>() : fallback;
 }
 
-core::ModelSpec to_model(const py::dict& d) {
-  core::ModelSpec m;
+core::PlacementModel to_model(const py::dict& d) {
+  core::PlacementModel m;
   m.num_layers = field(d, "num_layers", m.num_layers);
   m.dense_layers = field(d, "dense_layers", m.dense_layers);
   m.experts_per_layer = field(d, "experts_per_layer", m.experts_per_layer);

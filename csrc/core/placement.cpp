@@ -459,7 +459,7 @@ class NodeAssignment {
   std::vector<int> moved_to_b_;
 };
 
-LayerPlacement plan_moe_layer(int layer, const LayerStats& stats, const ModelSpec& model,
+LayerPlacement plan_moe_layer(int layer, const LayerStats& stats, const PlacementModel& model,
                               const ClusterSpec& cluster, const PlanOptions& options, int64_t slots,
                               const std::vector<int>& capacity) {
   const int num_gpus = cluster.num_gpus();
@@ -512,7 +512,7 @@ LayerPlacement plan_moe_layer(int layer, const LayerStats& stats, const ModelSpe
   return placement;
 }
 
-void validate_stats(const std::vector<LayerStats>& stats, const ModelSpec& model,
+void validate_stats(const std::vector<LayerStats>& stats, const PlacementModel& model,
                     size_t num_moe_layers) {
   if (!stats.empty() && stats.size() != num_moe_layers) {
     fail("stats", "expected one entry per MoE layer (" + std::to_string(num_moe_layers) +
@@ -546,7 +546,7 @@ void validate_stats(const std::vector<LayerStats>& stats, const ModelSpec& model
 // Slots per MoE layer: E + redundant_experts, or with -1 the most that fit in memory, up to
 // one per GPU (E <= G) or floor(E / G) + 1 per GPU (E > G: one spare slot per GPU for
 // replicas, the ratio of DeepSeek-V3's 256 + 32 redundant experts on 32 GPUs).
-int64_t choose_slots(const ModelSpec& model, const ClusterSpec& cluster, const PlanOptions& options,
+int64_t choose_slots(const PlacementModel& model, const ClusterSpec& cluster, const PlanOptions& options,
                      int64_t moe_layers, double expert_budget) {
   const int64_t experts = model.experts_per_layer, num_gpus = cluster.num_gpus();
   const int64_t most = experts <= num_gpus ? num_gpus : (experts / num_gpus + 1) * num_gpus;
@@ -601,7 +601,7 @@ double gated_ffn_bytes(int64_t hidden, int64_t ffn_hidden, int64_t dtype_bytes) 
          static_cast<double>(dtype_bytes);
 }
 
-std::vector<int> ModelSpec::moe_layers() const {
+std::vector<int> PlacementModel::moe_layers() const {
   std::vector<int> layers;
   for (int l = 0; l < num_layers; ++l) {
     if (std::find(dense_layers.begin(), dense_layers.end(), l) == dense_layers.end()) {
@@ -611,7 +611,7 @@ std::vector<int> ModelSpec::moe_layers() const {
   return layers;
 }
 
-void ModelSpec::validate() const {
+void PlacementModel::validate() const {
   if (num_layers < 1) fail("model.num_layers", "must be >= 1");
   std::vector<int> sorted = dense_layers;
   std::sort(sorted.begin(), sorted.end());
@@ -673,7 +673,7 @@ LayerMetrics evaluate_layer(const LayerPlacement& layer, const ClusterSpec& clus
   return metrics;
 }
 
-Placement plan_placement(const ModelSpec& model, const ClusterSpec& cluster,
+Placement plan_placement(const PlacementModel& model, const ClusterSpec& cluster,
                          const std::vector<LayerStats>& stats, const PlanOptions& options) {
   cluster.validate();
   model.validate();

@@ -61,7 +61,7 @@ namespace moe_ep::core {
 // Weight bytes of one gated FFN expert (three hidden x ffn_hidden matrices: gate, up, down).
 double gated_ffn_bytes(int64_t hidden, int64_t ffn_hidden, int64_t dtype_bytes);
 
-struct ModelSpec {
+struct PlacementModel {
   int num_layers = 61;
   std::vector<int> dense_layers = {0, 1, 2};  // layer indices without experts
   int experts_per_layer = 64;
@@ -116,7 +116,7 @@ struct Placement {
 
 // Plans every layer. stats is empty or holds one entry per MoE layer (ascending layer order).
 // Throws std::invalid_argument naming the offending field.
-Placement plan_placement(const ModelSpec& model, const ClusterSpec& cluster,
+Placement plan_placement(const PlacementModel& model, const ClusterSpec& cluster,
                          const std::vector<LayerStats>& stats, const PlanOptions& options);
 
 // Metrics of one MoE layer placement under the traffic model above.

@@ -12,8 +12,8 @@ namespace {
 
 constexpr double kExpertBytes = 3.0 * 7168 * 2048 * 2;  // gated BF16 expert
 
-ModelSpec seeds_model() {
-  ModelSpec model;
+PlacementModel seeds_model() {
+  PlacementModel model;
   model.bytes_per_expert = gated_ffn_bytes(7168, 2048, 2);
   model.dense_layer_bytes = gated_ffn_bytes(7168, 2048, 2);
   return model;
@@ -41,8 +41,8 @@ std::vector<LayerStats> zipf_stats(int layers, int experts, double skew) {
   return stats;
 }
 
-ModelSpec small_model(int layers, int experts, int top_k = 2) {
-  ModelSpec model;
+PlacementModel small_model(int layers, int experts, int top_k = 2) {
+  PlacementModel model;
   model.num_layers = layers + 1;
   model.dense_layers = {0};
   model.experts_per_layer = experts;
@@ -129,7 +129,7 @@ TEST(Placement, SeedsLayoutOnFewerGpus) {
 }
 
 TEST(Placement, OneExpertOfALayerPerGpuWithReplicasOfTheHottest) {
-  const ModelSpec model = small_model(4, 64);
+  const PlacementModel model = small_model(4, 64);
   const ClusterSpec cluster = make_cluster(12, 8);  // 96 GPUs: 32 spares per layer
   const auto stats = zipf_stats(4, 64, 1.2);
   const Placement plan = plan_placement(model, cluster, stats, {});
@@ -149,7 +149,7 @@ TEST(Placement, OneExpertOfALayerPerGpuWithReplicasOfTheHottest) {
 }
 
 TEST(Placement, ManyExpertsPerGpuBalanceLoadAndMemory) {
-  const ModelSpec model = small_model(3, 256, 8);
+  const PlacementModel model = small_model(3, 256, 8);
   const ClusterSpec cluster = make_cluster(2, 8);  // 16 GPUs, 16 + 1 slots per GPU per layer
   const Placement plan = plan_placement(model, cluster, zipf_stats(3, 256, 1.0), {});
   for (int l = 1; l <= 3; ++l) {
@@ -162,7 +162,7 @@ TEST(Placement, ManyExpertsPerGpuBalanceLoadAndMemory) {
 }
 
 TEST(Placement, MemoryBudgetLimitsReplicasAndRotatesExtraSlots) {
-  const ModelSpec model = small_model(6, 64);
+  const PlacementModel model = small_model(6, 64);
   // 24 GPUs, 6 layers of 64 experts: 16 slots per GPU without replicas, 18 with three per
   // layer; the budget holds 17, so only part of the spare slots can take replicas.
   ClusterSpec cluster = make_cluster(3, 8, 17 * kExpertBytes + 1e9 + 1e6);
@@ -176,7 +176,7 @@ TEST(Placement, MemoryBudgetLimitsReplicasAndRotatesExtraSlots) {
 }
 
 TEST(Placement, BalancingLowersMaxOverMeanOnSkewedLoads) {
-  const ModelSpec model = small_model(4, 64);
+  const PlacementModel model = small_model(4, 64);
   const ClusterSpec cluster = make_cluster(16, 8);
   const auto stats = zipf_stats(4, 64, 1.0);
   PlanOptions no_replicas;
@@ -195,7 +195,7 @@ TEST(Placement, NoWorseThanGreedyAndLowerLinkLoad) {
   greedy.policy = Policy::kGreedy;
   for (double skew : {0.5, 1.0, 1.5}) {
     for (auto [nodes, experts] : {std::pair{32, 256}, std::pair{4, 256}, std::pair{16, 64}}) {
-      const ModelSpec model = small_model(2, experts, 8);
+      const PlacementModel model = small_model(2, experts, 8);
       const ClusterSpec cluster = make_cluster(nodes, 8);
       const auto stats = zipf_stats(2, experts, skew);
       const Placement ours = plan_placement(model, cluster, stats, {});
@@ -212,7 +212,7 @@ TEST(Placement, NoWorseThanGreedyAndLowerLinkLoad) {
 
 TEST(Placement, CoactivationSamplesPutPartnersOnOneNode) {
   // Experts p and p + 16 are always chosen together; loads are uniform.
-  const ModelSpec model = small_model(1, 32, 2);
+  const PlacementModel model = small_model(1, 32, 2);
   const ClusterSpec cluster = make_cluster(4, 8);  // 32 GPUs, one expert each
   std::vector<LayerStats> stats(1);
   for (int t = 0; t < 3200; ++t) {
@@ -229,7 +229,7 @@ TEST(Placement, CoactivationSamplesPutPartnersOnOneNode) {
 }
 
 TEST(Placement, Deterministic) {
-  const ModelSpec model = small_model(3, 64, 4);
+  const PlacementModel model = small_model(3, 64, 4);
   const ClusterSpec cluster = make_cluster(6, 8);
   auto stats = zipf_stats(3, 64, 0.8);
   for (int t = 0; t < 400; ++t) {
@@ -244,7 +244,7 @@ TEST(Placement, Deterministic) {
   EXPECT_EQ(a.gpu_memory_used, b.gpu_memory_used);
 }
 
-void expect_error(const ModelSpec& model, const ClusterSpec& cluster,
+void expect_error(const PlacementModel& model, const ClusterSpec& cluster,
                   const std::vector<LayerStats>& stats, const PlanOptions& options,
                   const std::string& field) {
   try {
@@ -256,7 +256,7 @@ void expect_error(const ModelSpec& model, const ClusterSpec& cluster,
 }
 
 TEST(Placement, BadConfigurationsNameTheField) {
-  const ModelSpec model = small_model(2, 64);
+  const PlacementModel model = small_model(2, 64);
   const ClusterSpec cluster = make_cluster(10, 8);
   PlanOptions too_many;
   too_many.redundant_experts = 17;  // 81 slots on 80 GPUs
@@ -280,10 +280,10 @@ TEST(Placement, BadConfigurationsNameTheField) {
   bad_samples[0].coactivation = {1, 64};
   expect_error(model, cluster, bad_samples, {}, "stats[0].coactivation");
 
-  ModelSpec bad_dense = model;
+  PlacementModel bad_dense = model;
   bad_dense.dense_layers = {7};
   expect_error(bad_dense, cluster, {}, {}, "model.dense_layers");
-  ModelSpec bad_top_k = model;
+  PlacementModel bad_top_k = model;
   bad_top_k.top_k = 0;
   expect_error(bad_top_k, cluster, {}, {}, "model.top_k");
   ClusterSpec no_nodes = cluster;
