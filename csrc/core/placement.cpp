@@ -546,8 +546,8 @@ void validate_stats(const std::vector<LayerStats>& stats, const PlacementModel& 
 // Slots per MoE layer: E + redundant_experts, or with -1 the most that fit in memory, up to
 // one per GPU (E <= G) or floor(E / G) + 1 per GPU (E > G: one spare slot per GPU for
 // replicas, the ratio of DeepSeek-V3's 256 + 32 redundant experts on 32 GPUs).
-int64_t choose_slots(const PlacementModel& model, const ClusterSpec& cluster, const PlanOptions& options,
-                     int64_t moe_layers, double expert_budget) {
+int64_t choose_slots(const PlacementModel& model, const ClusterSpec& cluster,
+                     const PlanOptions& options, int64_t moe_layers, double expert_budget) {
   const int64_t experts = model.experts_per_layer, num_gpus = cluster.num_gpus();
   const int64_t most = experts <= num_gpus ? num_gpus : (experts / num_gpus + 1) * num_gpus;
   auto fits = [&](int64_t slots) {
