@@ -41,7 +41,10 @@ class MoELayer(nn.Module):
             DispatchOverflow. Either way all ranks take the same decision.
         num_chunks: micro-batches of the expert-parallel pipeline (1 = no overlap): the
             dispatch of one chunk and the combine of another travel while a third computes.
-            Every rank must use the same value.
+            Every rank must use the same value. Default: 1 for CPU tensors (measured with
+            bench_overlap.py on Gloo: chunking only added per-chunk costs, see
+            benchmarks/RESULTS.md), 2 for CUDA tensors (NCCL's own stream can carry one chunk
+            while another computes; not yet measured).
 
     Input [..., H] in the experts' dtype; output of the same shape and dtype. Under expert
     parallelism every rank of the group must call forward together (T may differ, even be 0).
@@ -68,7 +71,7 @@ class MoELayer(nn.Module):
         dispatch_mode: str = "exact",
         capacity: int | None = None,
         on_overflow: str = "fallback",
-        num_chunks: int = 2,
+        num_chunks: int | None = None,
     ) -> None:
         super().__init__()
         if dispatch_mode not in ("exact", "capacity"):
@@ -77,6 +80,8 @@ class MoELayer(nn.Module):
             raise ValueError(f"dispatch_mode='capacity' needs a capacity >= 1, got {capacity}")
         if on_overflow not in ("fallback", "raise"):
             raise ValueError(f"on_overflow must be 'fallback' or 'raise', got {on_overflow!r}")
+        if num_chunks is None:
+            num_chunks = 2 if torch.device(device or "cpu").type == "cuda" else 1
         if num_chunks < 1:
             raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
         self.dispatch_mode, self.capacity, self.on_overflow = dispatch_mode, capacity, on_overflow
