@@ -122,7 +122,9 @@ def test_cli_validate_and_constants(capsys):
 def test_placement_imbalance_feeds_the_cost_model():
     from moe_ep import plan as planner
 
-    model = planner.Model(num_layers=4, dense_layers=(0,), experts_per_layer=8, top_k=2)
+    model = planner.Model(
+        num_layers=4, dense_layers=(0,), experts_per_layer=8, top_k=2, bytes_per_expert=1e6
+    )
     cluster = planner.Cluster(num_nodes=1, gpus_per_node=8, gpu_memory_bytes=0)
     skewed = planner.plan(model, cluster, loads=[[8, 1, 1, 1, 1, 1, 1, 1]] * 3)
     factor = perf.placement_imbalance(skewed)
