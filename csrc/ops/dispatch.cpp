@@ -109,11 +109,11 @@ Layout compute_layout(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
   return layout;
 }
 
-// Devices the group can carry directly; a CUDA tensor on a CPU-only group is staged.
-bool group_carries(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const at::Tensor& t) {
+// Whether the group has a backend for tensors of this device type.
+bool group_carries(const c10::intrusive_ptr<c10d::ProcessGroup>& group, c10::DeviceType type) {
   const auto devices = group->getDeviceTypes();
   return std::any_of(devices.begin(), devices.end(),
-                     [&](const c10::Device& d) { return d.type() == t.device().type(); });
+                     [&](const c10::Device& d) { return d.type() == type; });
 }
 
 // Starts an all-to-all of the rows of `input`: variable row splits per rank, or equal splits
@@ -129,7 +129,11 @@ at::Tensor start_all_to_all_rows(const c10::intrusive_ptr<c10d::ProcessGroup>& g
     for (const int64_t n : recv_rows) shape[0] += n;
   }
   at::Tensor send = input.contiguous();
-  const bool stage = !group_carries(group, input);
+  // A CUDA tensor on a CPU-only group (several processes sharing one GPU) is staged.
+  const bool stage = !group_carries(group, input.device().type());
+  TORCH_CHECK(!stage || (input.is_cuda() && group_carries(group, c10::DeviceType::CPU)),
+              "moe_ep: the process group (backend ", group->getBackendName(), ") cannot carry ",
+              input.device().type(), " tensors");
   if (stage) {
     at::Tensor host =
         at::empty(send.sizes(), send.options().device(at::kCPU).pinned_memory(input.is_cuda()));
