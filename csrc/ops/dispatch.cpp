@@ -63,9 +63,8 @@ void check_map_values(const at::Tensor& expert_rank, const at::Tensor& expert_lo
 // True when every id lies in [0, num_experts) (one device-to-host read on CUDA).
 bool ids_in_range(const at::Tensor& topk_ids, int64_t num_experts) {
   if (topk_ids.numel() == 0) return true;
-  const auto [low, high] = at::aminmax(topk_ids);
-  const at::Tensor bounds = at::stack({low, high}).cpu();
-  return bounds[0].item<int64_t>() >= 0 && bounds[1].item<int64_t>() < num_experts;
+  const auto [low, high] = value_range(topk_ids);
+  return low >= 0 && high < num_experts;
 }
 
 Layout compute_layout(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
@@ -228,8 +227,7 @@ void check_dispatch_args(const at::Tensor& x, const at::Tensor& topk_ids,
   check_dim(x, 2, "x");
   check_float_dtype(x, "x");
   check_dim(topk_ids, 2, "topk_ids");
-  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
-              "moe_ep: argument 'topk_ids' must be int32 or int64, got ", topk_ids.scalar_type());
+  check_index_dtype(topk_ids, "topk_ids");
   check_size(topk_ids, 0, x.size(0), "topk_ids");
   check_dim(topk_weights, 2, "topk_weights");
   check_float_dtype(topk_weights, "topk_weights");
@@ -246,8 +244,7 @@ dispatch_layout_impl(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
                      const at::Tensor& expert_local, int64_t world_size,
                      int64_t num_local_experts) {
   check_dim(topk_ids, 2, "topk_ids");
-  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
-              "moe_ep: argument 'topk_ids' must be int32 or int64, got ", topk_ids.scalar_type());
+  check_index_dtype(topk_ids, "topk_ids");
   check_expert_map(expert_rank, expert_local, topk_ids);
   TORCH_CHECK(world_size >= 1, "moe_ep: argument 'world_size' must be >= 1, got ", world_size);
   TORCH_CHECK(num_local_experts >= 1, "moe_ep: argument 'num_local_experts' must be >= 1");
@@ -507,32 +504,24 @@ at::Tensor combine_impl(const at::Tensor& y, const at::Tensor& recv_row_of,
       token_slot);
 }
 
+// The same device-generic implementations serve CPU and CUDA tensors.
+void register_impls(torch::Library& m) {
+  m.impl("dispatch_layout", &dispatch_layout_impl);
+  m.impl("dispatch", &dispatch_impl);
+  m.impl("dispatch_start", &dispatch_start_impl);
+  m.impl("dispatch_finish", &dispatch_finish_impl);
+  m.impl("dispatch_capacity", &dispatch_capacity_impl);
+  m.impl("dispatch_capacity_start", &dispatch_capacity_start_impl);
+  m.impl("dispatch_capacity_finish", &dispatch_capacity_finish_impl);
+  m.impl("combine", &combine_impl);
+  m.impl("combine_start", &combine_start_impl);
+  m.impl("combine_finish", &combine_finish_impl);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moe_ep, CPU, m) {
-  m.impl("dispatch_layout", &dispatch_layout_impl);
-  m.impl("dispatch", &dispatch_impl);
-  m.impl("dispatch_start", &dispatch_start_impl);
-  m.impl("dispatch_finish", &dispatch_finish_impl);
-  m.impl("dispatch_capacity", &dispatch_capacity_impl);
-  m.impl("dispatch_capacity_start", &dispatch_capacity_start_impl);
-  m.impl("dispatch_capacity_finish", &dispatch_capacity_finish_impl);
-  m.impl("combine", &combine_impl);
-  m.impl("combine_start", &combine_start_impl);
-  m.impl("combine_finish", &combine_finish_impl);
-}
+TORCH_LIBRARY_IMPL(moe_ep, CPU, m) { register_impls(m); }
 
-TORCH_LIBRARY_IMPL(moe_ep, CUDA, m) {
-  m.impl("dispatch_layout", &dispatch_layout_impl);
-  m.impl("dispatch", &dispatch_impl);
-  m.impl("dispatch_start", &dispatch_start_impl);
-  m.impl("dispatch_finish", &dispatch_finish_impl);
-  m.impl("dispatch_capacity", &dispatch_capacity_impl);
-  m.impl("dispatch_capacity_start", &dispatch_capacity_start_impl);
-  m.impl("dispatch_capacity_finish", &dispatch_capacity_finish_impl);
-  m.impl("combine", &combine_impl);
-  m.impl("combine_start", &combine_start_impl);
-  m.impl("combine_finish", &combine_finish_impl);
-}
+TORCH_LIBRARY_IMPL(moe_ep, CUDA, m) { register_impls(m); }
 
 }  // namespace moe_ep::ops
