@@ -228,17 +228,18 @@ def dispatch(
         async_op: return a PendingDispatch once the counts are exchanged and the rows are
             on their way, instead of waiting for them.
     """
+    args = (
+        x,
+        topk_ids,
+        topk_weights,
+        placement.expert_rank,
+        placement.expert_local,
+        placement.num_local_experts,
+        _group_name(group),
+    )
     if async_op:
         x_recv, meta_recv, recv_counts, send_counts, token_slot, entries = (
-            torch.ops.moe_ep.dispatch_start(
-                x,
-                topk_ids,
-                topk_weights,
-                placement.expert_rank,
-                placement.expert_local,
-                placement.num_local_experts,
-                _group_name(group),
-            )
+            torch.ops.moe_ep.dispatch_start(*args)
         )
         local = placement.num_local_experts
 
@@ -247,17 +248,7 @@ def dispatch(
             return Dispatched(*grouped, recv_counts, send_counts, token_slot)
 
         return PendingDispatch(finish)
-    return Dispatched(
-        *torch.ops.moe_ep.dispatch(
-            x,
-            topk_ids,
-            topk_weights,
-            placement.expert_rank,
-            placement.expert_local,
-            placement.num_local_experts,
-            _group_name(group),
-        )
-    )
+    return Dispatched(*torch.ops.moe_ep.dispatch(*args))
 
 
 def dispatch_capacity(
@@ -275,17 +266,18 @@ def dispatch_capacity(
     no overflow. Call check() (or overflow()) before trusting the result: pairs over the
     capacity are reported, never dropped silently. async_op as for dispatch.
     """
+    args = (
+        x,
+        topk_ids,
+        topk_weights,
+        placement.expert_rank,
+        placement.expert_local,
+        placement.num_local_experts,
+        capacity,
+        _group_name(group),
+    )
     if async_op:
-        x_recv, meta_recv, token_slot, status = torch.ops.moe_ep.dispatch_capacity_start(
-            x,
-            topk_ids,
-            topk_weights,
-            placement.expert_rank,
-            placement.expert_local,
-            placement.num_local_experts,
-            capacity,
-            _group_name(group),
-        )
+        x_recv, meta_recv, token_slot, status = torch.ops.moe_ep.dispatch_capacity_start(*args)
         local = placement.num_local_experts
 
         def finish() -> CapacityDispatched:
@@ -293,19 +285,7 @@ def dispatch_capacity(
             return CapacityDispatched(*grouped, token_slot, status, capacity=capacity)
 
         return PendingDispatch(finish)
-    return CapacityDispatched(
-        *torch.ops.moe_ep.dispatch_capacity(
-            x,
-            topk_ids,
-            topk_weights,
-            placement.expert_rank,
-            placement.expert_local,
-            placement.num_local_experts,
-            capacity,
-            _group_name(group),
-        ),
-        capacity=capacity,
-    )
+    return CapacityDispatched(*torch.ops.moe_ep.dispatch_capacity(*args), capacity=capacity)
 
 
 def combine(
@@ -324,25 +304,16 @@ def combine(
         recv_counts = send_counts = torch.full((world,), dispatched.capacity, dtype=torch.int64)
     else:
         recv_counts, send_counts = dispatched.recv_counts, dispatched.send_counts
-    if async_op:
-        returned = torch.ops.moe_ep.combine_start(
-            y,
-            dispatched.recv_row_of,
-            dispatched.recv_weights,
-            recv_counts,
-            send_counts,
-            _group_name(group),
-        )
-        return PendingCombine(returned, dispatched.token_slot)
-    return torch.ops.moe_ep.combine(
+    returned = torch.ops.moe_ep.combine_start(
         y,
         dispatched.recv_row_of,
         dispatched.recv_weights,
         recv_counts,
         send_counts,
-        dispatched.token_slot,
         _group_name(group),
     )
+    pending = PendingCombine(returned, dispatched.token_slot)
+    return pending if async_op else pending.wait()
 
 
 @torch.library.register_fake("moe_ep::dispatch_layout")

@@ -146,6 +146,24 @@ def run_scenarios(device="cpu"):
     except moe_ep.dispatcher.DispatchOverflow as error:
         assert error.pairs > 0
 
+    # The fused combine op equals its two halves (dispatcher.combine uses the halves).
+    placement = ExpertPlacement.contiguous(2 * world, world)
+    x = torch.randn(9, HIDDEN, device=device)
+    ids = torch.stack([torch.randperm(2 * world)[:2] for _ in range(9)]).int().to(device)
+    weights = torch.rand(9, 2, device=device)
+    received = moe_ep.dispatcher.dispatch(x, ids, weights, placement.to(device))
+    fused = torch.ops.moe_ep.combine(
+        received.x_sorted,
+        received.recv_row_of,
+        received.recv_weights,
+        received.recv_counts,
+        received.send_counts,
+        received.token_slot,
+        dist.group.WORLD.group_name,
+    )
+    assert torch.equal(fused, moe_ep.dispatcher.combine(received.x_sorted, received))
+    torch.testing.assert_close(fused, x * weights.sum(1, keepdim=True))
+
     # Token batching: with k = 8 and 8 experts per rank, far fewer rows than choices travel.
     placement = ExpertPlacement.contiguous(8 * world, world)
     ids = torch.stack([torch.randperm(8 * world)[:8] for _ in range(25)]).int()
