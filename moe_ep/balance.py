@@ -30,7 +30,7 @@ from moe_ep import plan
 from moe_ep.dispatcher import ExpertPlacement
 from moe_ep.layer import MoELayer
 
-__all__ = ["LoadBalancer", "Migration"]
+__all__ = ["LoadBalancer", "Migration", "migration_transfers"]
 
 
 @dataclass(frozen=True)
@@ -192,19 +192,10 @@ class LoadBalancer:
         """Moves the weights of the slots each rank newly hosts from a rank that holds the
         expert now (point-to-point, batched), then swaps the layer's placement and weights."""
         layer, group = self.layer, self.layer.group
-        me, world = group.rank(), group.size()
+        me = group.rank()
         old = layer.placement
-        old_local = [old.local_experts(r) for r in range(world)]
-        holders: dict[int, list[int]] = {}
-        for r in range(world):
-            for e in old_local[r]:
-                holders.setdefault(e, []).append(r)
-        transfers = []
-        for r in range(world):
-            for e in sorted(set(new.local_experts(r)) - set(old_local[r])):
-                # Spread the sends of a replicated expert over the ranks that hold it.
-                source = holders[e][r % len(holders[e])]
-                transfers.append((e, source, r))
+        old_local = old.local_experts(me)
+        transfers = migration_transfers(old, new)
         sends: dict[int, list[int]] = {}
         recvs: dict[int, list[int]] = {}
         for e, source, dest in transfers:
@@ -213,7 +204,7 @@ class LoadBalancer:
             if dest == me:
                 recvs.setdefault(source, []).append(e)
         w13, w2 = layer.w13, layer.w2
-        row_of = {e: i for i, e in enumerate(old_local[me])}  # expert -> local row now
+        row_of = {e: i for i, e in enumerate(old_local)}  # expert -> local row now
         split = w13[0].numel()  # a message row: w13 then w2 of one expert, flattened
         ops, received = [], {}
         # One message per (source, destination) pair, experts in ascending order.
@@ -239,6 +230,23 @@ class LoadBalancer:
         layer.set_placement(new, rows_of(w13, slice(0, split)), rows_of(w2, slice(split, None)))
         row_bytes = (split + w2[0].numel()) * w13.element_size()
         return Migration(tuple(transfers), len(transfers) * row_bytes, before, after)
+
+
+def migration_transfers(old: ExpertPlacement, new: ExpertPlacement) -> list[tuple[int, int, int]]:
+    """The copies that turn `old` into `new`: (expert, source rank, destination rank) for
+    each expert that a rank hosts in `new` but not in `old`, by destination then expert. A
+    replicated expert's copies come from its holders in turn, spreading the sends."""
+    world = old.world_size
+    old_local = [old.local_experts(r) for r in range(world)]
+    holders: dict[int, list[int]] = {}
+    for r in range(world):
+        for e in old_local[r]:
+            holders.setdefault(e, []).append(r)
+    transfers = []
+    for r in range(world):
+        for e in sorted(set(new.local_experts(r)) - set(old_local[r])):
+            transfers.append((e, holders[e][r % len(holders[e])], r))
+    return transfers
 
 
 def _keep_in_place(
