@@ -57,6 +57,7 @@ class LoadBalancer:
         redundant_experts: replica slots beyond E in a new plan; -1 lets the planner fill one
             extra slot per rank (E > world) or one slot per rank (E <= world).
         gpus_per_node: ranks per node, for the planner's topology step (default: one node).
+            Pass it for multi-node groups: the relabelling after a plan is quadratic in it.
         bias_update_rate: DeepSeek-V3-style update of layer.expert_bias after each observed
             step: bias[e] -= rate * sign(load[e] - mean load), clamped to [-max_bias,
             max_bias]. It CHANGES WHICH EXPERTS ARE CHOSEN (not the weights of a choice),
