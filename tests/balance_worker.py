@@ -151,6 +151,12 @@ def run_replicas_match_reference():
             ids, weights = layer.route(x)
             expected = reference.moe(x, ids, weights, w13, w2)
             assert_close_relative(layer(x), expected, dtype)
+        # The group's pairs for expert 0 spread over its replicas: each rank's within one.
+        slots = layer.slot_ids(ids).view(-1).long()
+        per_slot = torch.bincount(slots, minlength=placement.num_slots)
+        dist.all_reduce(per_slot)
+        share = per_slot[placement.log2phy[0][placement.log2phy[0] >= 0].long()]
+        assert int(share.min()) > 0 and int(share.max() - share.min()) <= world, share
 
 
 def worker(rank: int, world: int, init_file: str):
