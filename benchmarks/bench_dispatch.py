@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -43,22 +40,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with GPUs")
     p.add_argument("--json", help="also write the rows to this file (rank 0)")
     return p.parse_args()
-
-
-def timed(device: torch.device, iters: int, fn, *args) -> tuple[object, float]:
-    """(fn(*args), median over iterations of the slowest rank's milliseconds)."""
-    result = fn(*args)  # warm-up
-    samples = []
-    for _ in range(iters):
-        dist.barrier()
-        common.synchronize(device)
-        start = time.perf_counter()
-        result = fn(*args)
-        common.synchronize(device)
-        elapsed = torch.tensor([(time.perf_counter() - start) * 1e3])
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        samples.append(float(elapsed))
-    return result, statistics.median(samples)
 
 
 def baseline_dispatch(x, ids, weights, expert_rank, world):
@@ -91,13 +72,8 @@ def baseline_combine(y, received_meta, order, send_splits, recv_splits, num_toke
 
 def main() -> None:
     args = parse_args()
-    use_cuda = torch.cuda.is_available() and not args.cpu
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=10))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    rank, world, device = common.init_distributed(args.cpu)
+    use_cuda = device.type == "cuda"
     dtype = common.DTYPES[args.dtype]
     element = torch.finfo(dtype).bits // 8
     tokens_list = args.tokens or ([128, 4096] if use_cuda else [128, 1024])
@@ -119,16 +95,18 @@ def main() -> None:
             weights, ids = logits.softmax(-1).topk(top_k, dim=-1)
             ids = ids.int()
 
-            received, t_disp = timed(
+            received, t_disp = common.time_collective(
                 device, args.iters, dispatcher.dispatch, x, ids, weights, placement
             )
-            ours, t_comb = timed(
+            ours, t_comb = common.time_collective(
                 device, args.iters, dispatcher.combine, received.x_sorted, received, None
             )
-            base, t_bdisp = timed(
+            base, t_bdisp = common.time_collective(
                 device, args.iters, baseline_dispatch, x, ids, weights, placement.expert_rank, world
             )
-            theirs, t_bcomb = timed(device, args.iters, baseline_combine, *base, tokens, top_k)
+            theirs, t_bcomb = common.time_collective(
+                device, args.iters, baseline_combine, *base, tokens, top_k
+            )
 
             expected = x.float() * weights.sum(-1, keepdim=True)
             scale = max(expected.abs().max().item(), 1e-6)

@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from bench_dispatch import timed  # noqa: E402
 
 from moe_ep import MoELayer, dispatcher  # noqa: E402
 
@@ -50,13 +48,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    use_cuda = torch.cuda.is_available() and not args.cpu
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=10))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    rank, world, device = common.init_distributed(args.cpu)
+    use_cuda = device.type == "cuda"
     tokens = args.tokens or (4096 if use_cuda else 512)
     hidden = args.hidden or (7168 if use_cuda else 1024)
     ffn = args.ffn or (2048 if use_cuda else 512)
@@ -96,14 +89,14 @@ def main() -> None:
         return layer.start_combine(rows, received).wait()
 
     received = layer.finish_dispatch(layer.start_dispatch(x, ids, weights), x, ids, weights)
-    _, t_compute = timed(device, args.iters, layer.local_experts, received)
-    _, t_comm = timed(device, args.iters, exchange_only)
+    _, t_compute = common.time_collective(device, args.iters, layer.local_experts, received)
+    _, t_comm = common.time_collective(device, args.iters, exchange_only)
     layer.num_chunks = 1
-    reference, t_seq = timed(device, args.iters, layer, x)
+    reference, t_seq = common.time_collective(device, args.iters, layer, x)
     rows = []
     for chunks in args.chunks:
         layer.num_chunks = chunks
-        out, t_over = timed(device, args.iters, layer, x)
+        out, t_over = common.time_collective(device, args.iters, layer, x)
         err = (out.float() - reference.float()).abs().max().item()
         hideable = min(t_compute, t_comm)
         rows.append(

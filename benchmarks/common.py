@@ -69,6 +69,39 @@ def time_ms(
     return min(samples) if best else statistics.median(samples)
 
 
+def init_distributed(cpu_only: bool = False) -> tuple[int, int, torch.device]:
+    """Joins the torchrun group: NCCL with one GPU per rank where GPUs are present, else Gloo.
+    Returns (rank, world size, device)."""
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() and not cpu_only
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def time_collective(device: torch.device, iters: int, fn: Callable, *args) -> tuple[object, float]:
+    """(fn(*args), median over iterations of the slowest rank's milliseconds): ranks start
+    each iteration together (barrier) and a step lasts as long as its slowest rank."""
+    import torch.distributed as dist
+
+    result = fn(*args)  # warm-up
+    samples = []
+    for _ in range(iters):
+        dist.barrier()
+        synchronize(device)
+        start = time.perf_counter()
+        result = fn(*args)
+        synchronize(device)
+        elapsed = torch.tensor([(time.perf_counter() - start) * 1e3])
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        samples.append(float(elapsed))
+    return result, statistics.median(samples)
+
+
 def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int) -> float:
     """TFLOP/s of one dense n x n x n matmul (2 n^3 FLOPs) in `dtype` on `device`."""
     a = torch.randn(n, n, device=device).to(dtype)

@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 
 from moe_ep import _C
+from moe_ep.plan import Placement
 
 MEASUREMENTS_PATH = os.path.join(os.path.dirname(__file__), "perf_measurements.json")
 
@@ -405,6 +406,13 @@ def plot_sweep(points, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def placement_imbalance(placement: Placement) -> float:
+    """The expert-load factor of a planned placement: every MoE layer waits for its busiest
+    GPU, so the step scales with the mean over layers of each layer's max/mean GPU load."""
+    layers = placement.moe_layers
+    return sum(layer.metrics.imbalance for layer in layers) / len(layers) if layers else 1.0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m moe_ep.perf", description=__doc__.split("\n")[0]
@@ -420,6 +428,12 @@ def main(argv=None) -> int:
     parser.add_argument("--nodes", type=int, help="nodes in the cluster (default: as needed)")
     parser.add_argument("--imbalance", type=float, default=1.0, help="placement max/mean load")
     parser.add_argument("--link-imbalance", type=float, help="max/mean link load (default: same)")
+    parser.add_argument(
+        "--placement",
+        metavar="JSON",
+        help="a plan from python -m moe_ep.plan: its mean per-layer max/mean GPU load "
+        "replaces --imbalance",
+    )
     parser.add_argument("--sweep", action="store_true", help="sweep EP 8..256 (weak scaling)")
     parser.add_argument("--plot", help="PNG path for --sweep")
     parser.add_argument("--json", help="JSON path for --sweep or --compare")
@@ -447,9 +461,14 @@ def main(argv=None) -> int:
         hw = calibrate(hw, args.calibrate)
     workload = Workload(args.phase, args.batch, args.seq)
 
+    imbalance = args.imbalance
+    if args.placement:
+        imbalance = placement_imbalance(Placement.load(args.placement))
+        print(f"placement {args.placement}: mean per-layer GPU load max/mean {imbalance:.3f}")
+
     def with_placement(strategy: Strategy) -> Strategy:
-        link = args.link_imbalance if args.link_imbalance is not None else args.imbalance
-        return dataclasses.replace(strategy, expert_imbalance=args.imbalance, link_imbalance=link)
+        link = args.link_imbalance if args.link_imbalance is not None else imbalance
+        return dataclasses.replace(strategy, expert_imbalance=imbalance, link_imbalance=link)
 
     if args.sweep:
         per_gpu = args.batch / 16  # --batch is read as the batch of a 16-GPU deployment

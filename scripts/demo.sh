@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 bash scripts/setup.sh
 gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
 if [ -z "${NPROC:-}" ]; then

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 bash scripts/setup.sh
 
 cmake -S . -B build/core -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null

@@ -31,7 +31,7 @@ def full_weights(experts: int, dtype: torch.dtype, seed: int):
 
 
 def max_over_ranks(value: int) -> int:
-    t = torch.tensor([value])
+    t = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t)
 
@@ -235,9 +235,11 @@ def run_misuse():
     check_layer("after-misuse", experts, 2, 10, torch.float32, mode="capacity")
 
 
-def worker(rank: int, world: int, init_file: str, device: str = "cpu"):
+def worker(rank: int, world: int, init_file: str, device: str = "cpu", backend: str = "gloo"):
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"file://{init_file}",
         rank=rank,
         world_size=world,

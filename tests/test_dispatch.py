@@ -10,9 +10,9 @@ from conftest import CUDA_SKIP
 from ep_worker import worker
 
 
-def spawn(world, tmp_path, device="cpu"):
+def spawn(world, tmp_path, device="cpu", backend="gloo"):
     init_file = os.path.join(tmp_path, "init")
-    mp.spawn(worker, args=(world, init_file, device), nprocs=world, join=True)
+    mp.spawn(worker, args=(world, init_file, device, backend), nprocs=world, join=True)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
@@ -25,6 +25,12 @@ def test_expert_parallel_matches_reference_gloo(world, tmp_path):
 def test_expert_parallel_cuda_tensors_on_gloo(world, tmp_path):
     # Several processes share one GPU: CUDA tensors are staged through host memory.
     spawn(world, tmp_path, device="cuda")
+
+
+@CUDA_SKIP
+def test_expert_parallel_nccl(tmp_path):
+    # NCCL cannot put two ranks on one GPU: one rank per visible GPU.
+    spawn(torch.cuda.device_count(), tmp_path, device="cuda", backend="nccl")
 
 
 def test_dispatch_layout_single_process():

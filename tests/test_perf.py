@@ -117,3 +117,16 @@ def test_cli_validate_and_constants(capsys):
     assert "deepep-ll-dispatch-ep256" in capsys.readouterr().out
     assert perf.main(["--constants"]) == 0
     assert "ndr_nic_bandwidth" in capsys.readouterr().out
+
+
+def test_placement_imbalance_feeds_the_cost_model():
+    from moe_ep import plan as planner
+
+    model = planner.Model(
+        num_layers=4, dense_layers=(0,), experts_per_layer=8, top_k=2, bytes_per_expert=1e6
+    )
+    cluster = planner.Cluster(num_nodes=1, gpus_per_node=8, gpu_memory_bytes=0)
+    skewed = planner.plan(model, cluster, loads=[[8, 1, 1, 1, 1, 1, 1, 1]] * 3)
+    factor = perf.placement_imbalance(skewed)
+    expected = sum(layer.metrics.imbalance for layer in skewed.moe_layers) / 3
+    assert factor == pytest.approx(expected) and factor > 1.0

@@ -10,7 +10,9 @@
 //   weights      : score(id) (never the bias), divided by their sum when renormalize is set,
 //                  then multiplied by scaling
 // Scores are recomputed on the fly instead of stored, so one token needs O(top_k + n_group)
-// registers for any number of experts; the cost is O(top_k * num_experts) work per token.
+// registers for any number of experts: one pass over the experts for the softmax sum, one for
+// the group scores (when grouped) and one for the top-k, plus top_k scores for the weights.
+// NaN logits give unspecified (but in-range or -1) ids.
 #pragma once
 
 #include <cmath>
@@ -42,11 +44,9 @@ MOE_EP_HD inline bool ranks_before(float value_a, int index_a, float value_b, in
 }
 
 // logit(e) returns expert e's logit as a float (the caller owns the element type).
-// score_cache (optional, num_experts floats) trades memory for the O(top_k * num_experts)
-// recomputation of the scores: the CPU op passes one per thread, a GPU thread passes none.
 template <typename LogitFn>
 MOE_EP_HD inline void route_token(LogitFn logit, const float* bias, const RouteConfig& cfg,
-                                  int32_t* ids, float* weights, float* score_cache = nullptr) {
+                                  int32_t* ids, float* weights) {
   const int num_experts = cfg.num_experts;
   float max_logit = -INFINITY;
   float denominator = 1.0f;
@@ -55,15 +55,11 @@ MOE_EP_HD inline void route_token(LogitFn logit, const float* bias, const RouteC
     denominator = 0.0f;
     for (int e = 0; e < num_experts; ++e) denominator += expf(logit(e) - max_logit);
   }
-  auto compute_score = [&](int e) {
+  auto score = [&](int e) {
     const float x = logit(e);
     return cfg.score == ScoreFunction::kSoftmax ? expf(x - max_logit) / denominator
                                                 : 1.0f / (1.0f + expf(-x));
   };
-  if (score_cache != nullptr) {
-    for (int e = 0; e < num_experts; ++e) score_cache[e] = compute_score(e);
-  }
-  auto score = [&](int e) { return score_cache != nullptr ? score_cache[e] : compute_score(e); };
   auto select = [&](int e) { return bias != nullptr ? score(e) + bias[e] : score(e); };
 
   // Group limit: a bit per allowed group.
@@ -102,27 +98,27 @@ MOE_EP_HD inline void route_token(LogitFn logit, const float* bias, const RouteC
     }
   }
 
-  // Top-k by repeated selection of the best expert ranked after the previous pick.
-  float last_value = INFINITY;
-  int last_index = -1;
+  // Top-k in one pass: an insertion into the sorted list of the best so far. Experts come in
+  // ascending order, so an equal value never displaces an earlier (lower) index.
+  float best[kMaxTopK];
+  int filled = 0;
+  for (int e = 0; e < num_experts; ++e) {
+    if (cfg.n_group > 1 && !((allowed_groups >> (e / group_size)) & 1u)) continue;
+    const float v = select(e);
+    if (filled == cfg.top_k && !ranks_before(v, e, best[filled - 1], ids[filled - 1])) continue;
+    int slot = filled < cfg.top_k ? filled++ : filled - 1;
+    for (; slot > 0 && ranks_before(v, e, best[slot - 1], ids[slot - 1]); --slot) {
+      best[slot] = best[slot - 1];
+      ids[slot] = ids[slot - 1];
+    }
+    best[slot] = v;
+    ids[slot] = e;
+  }
   float weight_sum = 0.0f;
   for (int j = 0; j < cfg.top_k; ++j) {
-    int pick = -1;
-    float pick_value = 0.0f;
-    for (int e = 0; e < num_experts; ++e) {
-      if (cfg.n_group > 1 && !((allowed_groups >> (e / group_size)) & 1u)) continue;
-      const float v = select(e);
-      const bool after_last = j == 0 || ranks_before(last_value, last_index, v, e);
-      if (after_last && (pick < 0 || ranks_before(v, e, pick_value, pick))) {
-        pick = e;
-        pick_value = v;
-      }
-    }
-    ids[j] = pick;  // -1 only when the logits hold NaN
-    weights[j] = pick < 0 ? 0.0f : score(pick);
+    if (j >= filled) ids[j] = -1;  // fewer candidates than top_k: never for valid arguments
+    weights[j] = ids[j] < 0 ? 0.0f : score(ids[j]);
     weight_sum += weights[j];
-    last_value = pick_value;
-    last_index = pick;
   }
   const float factor =
       (cfg.renormalize && weight_sum > 0.0f) ? cfg.scaling / weight_sum : cfg.scaling;

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <string_view>
+#include <utility>
 
 namespace moe_ep::ops {
 
@@ -24,6 +25,11 @@ inline void check_float_dtype(const at::Tensor& t, std::string_view name) {
               "moe_ep: argument '", name, "' must be float32, float16 or bfloat16, got ", dtype);
 }
 
+inline void check_index_dtype(const at::Tensor& t, std::string_view name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "moe_ep: argument '",
+              name, "' must be int32 or int64, got ", t.scalar_type());
+}
+
 inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, std::string_view name) {
   TORCH_CHECK(t.size(dim) == expected, "moe_ep: argument '", name, "' must have size ", expected,
               " in dimension ", dim, ", got shape ", t.sizes());
@@ -33,6 +39,13 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, std::s
                               std::string_view ref_name) {
   TORCH_CHECK(t.device() == ref.device(), "moe_ep: argument '", name, "' is on ", t.device(),
               " but '", ref_name, "' is on ", ref.device());
+}
+
+// (min, max) of a non-empty integer tensor, read on the host (one device-to-host copy on CUDA).
+inline std::pair<int64_t, int64_t> value_range(const at::Tensor& t) {
+  const auto [low, high] = at::aminmax(t);
+  const at::Tensor bounds = at::stack({low, high}).to(at::kCPU, at::kLong);
+  return {bounds[0].item<int64_t>(), bounds[1].item<int64_t>()};
 }
 
 }  // namespace moe_ep::ops

@@ -63,9 +63,8 @@ void check_map_values(const at::Tensor& expert_rank, const at::Tensor& expert_lo
 // True when every id lies in [0, num_experts) (one device-to-host read on CUDA).
 bool ids_in_range(const at::Tensor& topk_ids, int64_t num_experts) {
   if (topk_ids.numel() == 0) return true;
-  const auto [low, high] = at::aminmax(topk_ids);
-  const at::Tensor bounds = at::stack({low, high}).cpu();
-  return bounds[0].item<int64_t>() >= 0 && bounds[1].item<int64_t>() < num_experts;
+  const auto [low, high] = value_range(topk_ids);
+  return low >= 0 && high < num_experts;
 }
 
 Layout compute_layout(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
@@ -109,11 +108,11 @@ Layout compute_layout(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
   return layout;
 }
 
-// Devices the group can carry directly; a CUDA tensor on a CPU-only group is staged.
-bool group_carries(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const at::Tensor& t) {
+// Whether the group has a backend for tensors of this device type.
+bool group_carries(const c10::intrusive_ptr<c10d::ProcessGroup>& group, c10::DeviceType type) {
   const auto devices = group->getDeviceTypes();
   return std::any_of(devices.begin(), devices.end(),
-                     [&](const c10::Device& d) { return d.type() == t.device().type(); });
+                     [&](const c10::Device& d) { return d.type() == type; });
 }
 
 // Starts an all-to-all of the rows of `input`: variable row splits per rank, or equal splits
@@ -129,7 +128,11 @@ at::Tensor start_all_to_all_rows(const c10::intrusive_ptr<c10d::ProcessGroup>& g
     for (const int64_t n : recv_rows) shape[0] += n;
   }
   at::Tensor send = input.contiguous();
-  const bool stage = !group_carries(group, input);
+  // A CUDA tensor on a CPU-only group (several processes sharing one GPU) is staged.
+  const bool stage = !group_carries(group, input.device().type());
+  TORCH_CHECK(!stage || (input.is_cuda() && group_carries(group, c10::DeviceType::CPU)),
+              "moe_ep: the process group (backend ", group->getBackendName(), ") cannot carry ",
+              input.device().type(), " tensors");
   if (stage) {
     at::Tensor host =
         at::empty(send.sizes(), send.options().device(at::kCPU).pinned_memory(input.is_cuda()));
@@ -224,8 +227,7 @@ void check_dispatch_args(const at::Tensor& x, const at::Tensor& topk_ids,
   check_dim(x, 2, "x");
   check_float_dtype(x, "x");
   check_dim(topk_ids, 2, "topk_ids");
-  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
-              "moe_ep: argument 'topk_ids' must be int32 or int64, got ", topk_ids.scalar_type());
+  check_index_dtype(topk_ids, "topk_ids");
   check_size(topk_ids, 0, x.size(0), "topk_ids");
   check_dim(topk_weights, 2, "topk_weights");
   check_float_dtype(topk_weights, "topk_weights");
@@ -242,8 +244,7 @@ dispatch_layout_impl(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
                      const at::Tensor& expert_local, int64_t world_size,
                      int64_t num_local_experts) {
   check_dim(topk_ids, 2, "topk_ids");
-  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
-              "moe_ep: argument 'topk_ids' must be int32 or int64, got ", topk_ids.scalar_type());
+  check_index_dtype(topk_ids, "topk_ids");
   check_expert_map(expert_rank, expert_local, topk_ids);
   TORCH_CHECK(world_size >= 1, "moe_ep: argument 'world_size' must be >= 1, got ", world_size);
   TORCH_CHECK(num_local_experts >= 1, "moe_ep: argument 'num_local_experts' must be >= 1");
@@ -503,32 +504,24 @@ at::Tensor combine_impl(const at::Tensor& y, const at::Tensor& recv_row_of,
       token_slot);
 }
 
+// The same device-generic implementations serve CPU and CUDA tensors.
+void register_impls(torch::Library& m) {
+  m.impl("dispatch_layout", &dispatch_layout_impl);
+  m.impl("dispatch", &dispatch_impl);
+  m.impl("dispatch_start", &dispatch_start_impl);
+  m.impl("dispatch_finish", &dispatch_finish_impl);
+  m.impl("dispatch_capacity", &dispatch_capacity_impl);
+  m.impl("dispatch_capacity_start", &dispatch_capacity_start_impl);
+  m.impl("dispatch_capacity_finish", &dispatch_capacity_finish_impl);
+  m.impl("combine", &combine_impl);
+  m.impl("combine_start", &combine_start_impl);
+  m.impl("combine_finish", &combine_finish_impl);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moe_ep, CPU, m) {
-  m.impl("dispatch_layout", &dispatch_layout_impl);
-  m.impl("dispatch", &dispatch_impl);
-  m.impl("dispatch_start", &dispatch_start_impl);
-  m.impl("dispatch_finish", &dispatch_finish_impl);
-  m.impl("dispatch_capacity", &dispatch_capacity_impl);
-  m.impl("dispatch_capacity_start", &dispatch_capacity_start_impl);
-  m.impl("dispatch_capacity_finish", &dispatch_capacity_finish_impl);
-  m.impl("combine", &combine_impl);
-  m.impl("combine_start", &combine_start_impl);
-  m.impl("combine_finish", &combine_finish_impl);
-}
+TORCH_LIBRARY_IMPL(moe_ep, CPU, m) { register_impls(m); }
 
-TORCH_LIBRARY_IMPL(moe_ep, CUDA, m) {
-  m.impl("dispatch_layout", &dispatch_layout_impl);
-  m.impl("dispatch", &dispatch_impl);
-  m.impl("dispatch_start", &dispatch_start_impl);
-  m.impl("dispatch_finish", &dispatch_finish_impl);
-  m.impl("dispatch_capacity", &dispatch_capacity_impl);
-  m.impl("dispatch_capacity_start", &dispatch_capacity_start_impl);
-  m.impl("dispatch_capacity_finish", &dispatch_capacity_finish_impl);
-  m.impl("combine", &combine_impl);
-  m.impl("combine_start", &combine_start_impl);
-  m.impl("combine_finish", &combine_finish_impl);
-}
+TORCH_LIBRARY_IMPL(moe_ep, CUDA, m) { register_impls(m); }
 
 }  // namespace moe_ep::ops

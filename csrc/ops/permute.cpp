@@ -18,8 +18,7 @@ at::Tensor checked_permute_ids(const at::Tensor& hidden, const at::Tensor& topk_
   check_dim(hidden, 2, "hidden");
   check_float_dtype(hidden, "hidden");
   check_dim(topk_ids, 2, "topk_ids");
-  TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
-              "moe_ep: argument 'topk_ids' must be int32 or int64, got ", topk_ids.scalar_type());
+  check_index_dtype(topk_ids, "topk_ids");
   check_size(topk_ids, 0, hidden.size(0), "topk_ids");
   check_same_device(topk_ids, hidden, "topk_ids", "hidden");
   TORCH_CHECK(num_experts >= 1 && num_experts <= std::numeric_limits<int32_t>::max(),
@@ -30,7 +29,7 @@ at::Tensor checked_permute_ids(const at::Tensor& hidden, const at::Tensor& topk_
 }
 
 void check_unpermute_args(const at::Tensor& expert_out, const at::Tensor& row_of,
-                          const at::Tensor& topk_weights) {
+                          const at::Tensor& topk_weights, bool check_rows) {
   check_dim(expert_out, 2, "expert_out");
   check_float_dtype(expert_out, "expert_out");
   check_dim(row_of, 2, "row_of");
@@ -41,6 +40,12 @@ void check_unpermute_args(const at::Tensor& expert_out, const at::Tensor& row_of
               "the shape of 'row_of' ", row_of.sizes(), ", got ", topk_weights.sizes());
   check_same_device(row_of, expert_out, "row_of", "expert_out");
   check_same_device(topk_weights, expert_out, "topk_weights", "expert_out");
+  if (check_rows && row_of.numel() > 0) {
+    const auto [low, high] = value_range(row_of);
+    TORCH_CHECK(low >= -1 && high < expert_out.size(0), "moe_ep: argument 'row_of' must hold ",
+                "rows in [0, ", expert_out.size(0), ") or -1 (no contribution), got values in [",
+                low, ", ", high, "]");
+  }
 }
 
 namespace {
@@ -76,19 +81,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& hid
 
 at::Tensor unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& row_of,
                          const at::Tensor& topk_weights, bool check_rows) {
-  check_unpermute_args(expert_out, row_of, topk_weights);
+  check_unpermute_args(expert_out, row_of, topk_weights, check_rows);
   const at::Tensor rows = row_of.contiguous();
   const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
   const at::Tensor input = expert_out.contiguous();
   const int64_t num_tokens = rows.size(0), top_k = rows.size(1), width = input.size(1);
-  const int64_t num_rows = input.size(0);
-  if (check_rows && rows.numel() > 0) {
-    const auto [low, high] = at::aminmax(rows);
-    TORCH_CHECK(low.item<int32_t>() >= -1 && high.item<int32_t>() < num_rows,
-                "moe_ep: argument 'row_of' must hold rows in [0, ", num_rows,
-                ") or -1 (no contribution), got values in [", low.item<int32_t>(), ", ",
-                high.item<int32_t>(), "]");
-  }
   at::Tensor out = at::empty({num_tokens, width}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "unpermute_cpu", [&] {

@@ -10,8 +10,8 @@ namespace moe_ep::ops {
 at::Tensor checked_permute_ids(const at::Tensor& hidden, const at::Tensor& topk_ids,
                                int64_t num_experts);
 
-// Validates moe_ep::unpermute's arguments (shapes, dtypes, devices; not the row values).
+// Validates moe_ep::unpermute's arguments, and with check_rows the row values too.
 void check_unpermute_args(const at::Tensor& expert_out, const at::Tensor& row_of,
-                          const at::Tensor& topk_weights);
+                          const at::Tensor& topk_weights, bool check_rows);
 
 }  // namespace moe_ep::ops

@@ -4,8 +4,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <vector>
-
 #include "ops/checks.h"
 
 namespace moe_ep::ops {
@@ -73,11 +71,10 @@ std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits, int64_t t
     int32_t* ids_ptr = ids.data_ptr<int32_t>();
     float* weights_ptr = weights.data_ptr<float>();
     at::parallel_for(0, num_tokens, 64, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(config.num_experts);
       for (int64_t t = begin; t < end; ++t) {
         const scalar_t* row = logits_ptr + t * config.num_experts;
         core::route_token([row](int e) { return static_cast<float>(row[e]); }, bias_ptr, config,
-                          ids_ptr + t * top_k, weights_ptr + t * top_k, scores.data());
+                          ids_ptr + t * top_k, weights_ptr + t * top_k);
       }
     });
   });

@@ -47,19 +47,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& hi
 
 at::Tensor unpermute_cuda(const at::Tensor& expert_out, const at::Tensor& row_of,
                           const at::Tensor& topk_weights, bool check_rows) {
-  check_unpermute_args(expert_out, row_of, topk_weights);
+  check_unpermute_args(expert_out, row_of, topk_weights, check_rows);
   const c10::cuda::CUDAGuard device_guard(expert_out.device());
   const at::Tensor rows = row_of.contiguous();
   const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
   const at::Tensor input = expert_out.contiguous();
-  if (check_rows && rows.numel() > 0) {
-    const auto [low, high] = at::aminmax(rows);
-    const at::Tensor bounds = at::stack({low, high}).cpu();
-    const int32_t lowest = bounds[0].item<int32_t>(), highest = bounds[1].item<int32_t>();
-    TORCH_CHECK(lowest >= -1 && highest < input.size(0), "moe_ep: argument 'row_of' must hold ",
-                "rows in [0, ", input.size(0), ") or -1 (no contribution), got values in [", lowest,
-                ", ", highest, "]");
-  }
   at::Tensor out = at::empty({rows.size(0), input.size(1)}, input.options());
   C10_CUDA_CHECK(kernels::launch_unpermute(
       input.data_ptr(), kernel_dtype(input.scalar_type()), input.size(1), rows.data_ptr<int32_t>(),
