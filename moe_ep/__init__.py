@@ -3,6 +3,7 @@
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from moe_ep import _C, ops  # noqa: F401  (_C registers torch.ops.moe_ep)
+from moe_ep.balance import LoadBalancer
 from moe_ep.layer import MoELayer
 
-__all__ = ["MoELayer", "ops"]
+__all__ = ["LoadBalancer", "MoELayer", "ops"]

@@ -28,9 +28,12 @@ class MoELayer(nn.Module):
         activation: "silu" or "gelu" (gated).
         dtype, device: of the expert weights; the router weight is float32.
         group: the expert-parallel process group; None keeps every expert on this rank.
-        placement: which rank hosts which expert (default: contiguous blocks); identical on
-            every rank. This rank holds only its local experts' weights (w13, w2); the router
-            weight and bias are replicated. Load them with load_full_weights.
+        placement: which rank hosts which expert slot (default: contiguous blocks, one slot
+            per expert); identical on every rank. An expert may have several slots (replicas,
+            see ExpertPlacement.from_plan): each token goes to one of them (map_to_slots).
+            This rank holds only its local slots' weights (w13, w2); the router weight and
+            bias are replicated. Load them with load_full_weights; moe_ep.LoadBalancer
+            changes the placement at run time (set_placement).
         dispatch_mode: "exact" (counts exchanged first, exact-size all-to-all: throughput) or
             "capacity" (fixed buffers of `capacity` rows per rank, no device-to-host count:
             latency, decode, CUDA graphs).
@@ -95,6 +98,7 @@ class MoELayer(nn.Module):
                     f"ranks, the layer has {num_experts} experts on {group.size()} ranks"
                 )
             self.placement = placement.to(device or "cpu")
+            # Logical ids of this rank's slots: a replicated expert may appear on many ranks.
             self.local_expert_ids = placement.local_experts(group.rank())
         else:
             self.placement = None
@@ -148,6 +152,31 @@ class MoELayer(nn.Module):
         if expert_bias is not None:
             self.expert_bias.copy_(expert_bias)
 
+    @torch.no_grad()
+    def set_placement(
+        self, placement: ExpertPlacement, w13: torch.Tensor, w2: torch.Tensor
+    ) -> None:
+        """Swaps in a new placement with this rank's weights for it ([L', 2F, H], [L', H, F],
+        L' = its local slots); every rank of the group must swap together, between steps."""
+        local = placement.local_experts(self.group.rank())
+        if placement.world_size != self.group.size() or placement.num_experts != self.num_experts:
+            raise ValueError(
+                f"placement: covers {placement.num_experts} experts on {placement.world_size} "
+                f"ranks, the layer has {self.num_experts} experts on {self.group.size()} ranks"
+            )
+        if w13.shape[0] != len(local) or w2.shape[0] != len(local):
+            raise ValueError(
+                f"w13, w2: expected {len(local)} local slots, got {w13.shape[0]}, {w2.shape[0]}"
+            )
+        self.placement = placement.to(self.w13.device)
+        self.local_expert_ids = local
+        self.w13 = nn.Parameter(w13.to(self.w13), requires_grad=False)
+        self.w2 = nn.Parameter(w2.to(self.w2), requires_grad=False)
+
+    def slot_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The physical slots that this rank's (token, choice) pairs go to."""
+        return dispatcher.map_to_slots(topk_ids, self.placement, self.group.rank())
+
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """float32 [T, E] logits of the flattened tokens."""
         return F.linear(x.float(), self.gate_weight)
@@ -182,11 +211,12 @@ class MoELayer(nn.Module):
     def start_dispatch(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> dispatcher.PendingDispatch:
+        slots = self.slot_ids(topk_ids)
         if self.dispatch_mode == "capacity":
             return dispatcher.dispatch_capacity(
-                x, topk_ids, topk_weights, self.placement, self.capacity, self.group, True
+                x, slots, topk_weights, self.placement, self.capacity, self.group, True
             )
-        return dispatcher.dispatch(x, topk_ids, topk_weights, self.placement, self.group, True)
+        return dispatcher.dispatch(x, slots, topk_weights, self.placement, self.group, True)
 
     def finish_dispatch(
         self,
@@ -204,7 +234,8 @@ class MoELayer(nn.Module):
             except dispatcher.DispatchOverflow:
                 if self.on_overflow == "raise":
                     raise
-                return dispatcher.dispatch(x, topk_ids, topk_weights, self.placement, self.group)
+                slots = self.slot_ids(topk_ids)
+                return dispatcher.dispatch(x, slots, topk_weights, self.placement, self.group)
         return received
 
     def local_experts(

@@ -1,0 +1,276 @@
+"""Runtime load balancing of an expert-parallel MoELayer: token counts per expert, replica
+re-planning with weight migration, and an optional bounded gate bias.
+
+    balancer = moe_ep.LoadBalancer(layer, window=32, threshold=1.25)
+    for step ...:
+        ids, weights = layer.route(x)
+        balancer.observe(ids)          # all-reduce of E counts over the EP group
+        y = layer.experts(x, ids, weights)
+        balancer.maybe_rebalance()     # between steps: re-plan, migrate the moved slots
+
+Every call is collective over the layer's group, and every decision is taken from
+all-reduced integer counts and the deterministic planner, so all ranks decide alike without
+further agreement.
+
+Re-planning and replica routing never change the layer's math (replicas hold the same
+weights). The gate bias does: it shifts which experts tokens choose (DeepSeek-V3's
+auxiliary-loss-free balancing), so it is off unless bias_update_rate > 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moe_ep import plan
+from moe_ep.dispatcher import ExpertPlacement
+from moe_ep.layer import MoELayer
+
+__all__ = ["LoadBalancer", "Migration", "migration_transfers"]
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One re-plan: the (expert, destination rank) copies that travelled and their bytes
+    (summed over the group; a slot whose expert its new rank already held costs nothing)."""
+
+    transfers: tuple[tuple[int, int, int], ...]  # (expert, source rank, destination rank)
+    bytes: int
+    imbalance_before: float
+    imbalance_after: float
+
+
+class LoadBalancer:
+    """Balances one expert-parallel MoELayer at run time.
+
+    Args:
+        layer: the MoELayer (with a process group); its placement and local weights are
+            replaced on re-planning.
+        window: steps of counts kept; the loads are their sum.
+        interval: re-plan every `interval` observed steps (0: no schedule).
+        threshold: re-plan when imbalance() exceeds it (> 1; None: never), at most once per
+            `window` steps so that the loads behind the decision are fresh.
+        redundant_experts: replica slots beyond E in a new plan; -1 lets the planner fill one
+            extra slot per rank (E > world) or one slot per rank (E <= world).
+        gpus_per_node: ranks per node, for the planner's topology step (default: one node).
+            Pass it for multi-node groups: the relabelling after a plan is quadratic in it.
+        bias_update_rate: DeepSeek-V3-style update of layer.expert_bias after each observed
+            step: bias[e] -= rate * sign(load[e] - mean load), clamped to [-max_bias,
+            max_bias]. It CHANGES WHICH EXPERTS ARE CHOSEN (not the weights of a choice),
+            so the layer's output changes too. 0 (default) leaves the bias alone.
+        max_bias: the bound of the bias.
+    """
+
+    def __init__(
+        self,
+        layer: MoELayer,
+        *,
+        window: int = 32,
+        interval: int = 0,
+        threshold: float | None = 1.25,
+        redundant_experts: int = -1,
+        gpus_per_node: int | None = None,
+        bias_update_rate: float = 0.0,
+        max_bias: float = 0.05,
+    ) -> None:
+        if layer.group is None:
+            raise ValueError("layer: the LoadBalancer needs an expert-parallel layer (group=...)")
+        world = layer.group.size()
+        if window < 1:
+            raise ValueError(f"window: must be >= 1, got {window}")
+        if interval < 0:
+            raise ValueError(f"interval: must be >= 0 (0: no schedule), got {interval}")
+        if threshold is not None and threshold <= 1.0:
+            raise ValueError(f"threshold: max/mean load is >= 1, must be > 1, got {threshold}")
+        gpus_per_node = gpus_per_node or world
+        if gpus_per_node < 1 or world % gpus_per_node:
+            raise ValueError(
+                f"gpus_per_node: must divide the group size {world}, got {gpus_per_node}"
+            )
+        if bias_update_rate < 0 or max_bias < 0:
+            raise ValueError(
+                f"bias_update_rate, max_bias: must be >= 0, got {bias_update_rate}, {max_bias}"
+            )
+        if bias_update_rate > 0 and layer.expert_bias is None:
+            raise ValueError("bias_update_rate: the layer has no expert_bias (expert_bias=True)")
+        self.layer = layer
+        self.window, self.interval, self.threshold = window, interval, threshold
+        self.redundant_experts = redundant_experts
+        self.bias_update_rate, self.max_bias = bias_update_rate, max_bias
+        self.cluster = plan.Cluster(
+            num_nodes=world // gpus_per_node, gpus_per_node=gpus_per_node, gpu_memory_bytes=0
+        )
+        self._counts: deque[torch.Tensor] = deque(maxlen=window)
+        self.steps = 0  # observed steps
+        self._since_replan = 0
+        self.migrations: list[Migration] = []
+
+    @property
+    def migrated_bytes(self) -> int:
+        """Expert weight bytes moved between ranks by all re-plans so far (group total)."""
+        return sum(m.bytes for m in self.migrations)
+
+    @torch.no_grad()
+    def observe(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Counts this rank's logical top-k ids [T, k], sums them over the group (a
+        collective) and returns the step's int64 [E] counts."""
+        counts = torch.bincount(topk_ids.reshape(-1).long(), minlength=self.layer.num_experts)
+        dist.all_reduce(counts, group=self.layer.group)
+        self._counts.append(counts)
+        self.steps += 1
+        self._since_replan += 1
+        if self.bias_update_rate > 0:
+            bias = self.layer.expert_bias
+            # Overloaded experts lose selection score, underloaded ones gain it.
+            step = torch.sign(counts.double().mean() - counts.double()).to(bias)
+            bias.add_(step, alpha=self.bias_update_rate).clamp_(-self.max_bias, self.max_bias)
+        return counts
+
+    def expert_loads(self) -> torch.Tensor:
+        """int64 [E] (CPU): (token, expert) pairs per expert over the window, group total."""
+        if not self._counts:
+            return torch.zeros(self.layer.num_experts, dtype=torch.int64)
+        return torch.stack(list(self._counts)).sum(0).cpu()
+
+    def imbalance(self, placement: ExpertPlacement | None = None) -> float:
+        """Max over mean rank load of the windowed loads under `placement` (default: the
+        layer's), each replica taking an even share of its expert's load; 1.0 without load."""
+        rank_loads = (placement or self.layer.placement).rank_loads(self.expert_loads())
+        mean = float(rank_loads.mean())
+        return float(rank_loads.max()) / mean if mean > 0 else 1.0
+
+    def plan(self) -> ExpertPlacement:
+        """A placement for the windowed loads (balanced policy), its ranks relabelled within
+        each node to keep as many experts where they already are as possible."""
+        layer = self.layer
+        expert_bytes = (layer.w13[0].numel() + layer.w2[0].numel()) * layer.w13.element_size()
+        model = plan.Model(
+            num_layers=1,
+            dense_layers=(),
+            experts_per_layer=layer.num_experts,
+            top_k=layer.top_k,
+            bytes_per_expert=float(max(expert_bytes, 1)),
+        )
+        planned = plan.plan(
+            model,
+            self.cluster,
+            loads=[self.expert_loads().tolist()],
+            policy="balanced",
+            redundant_experts=self.redundant_experts,
+        ).layers[0]
+        gpus = _keep_in_place(planned, layer.placement, self.cluster.gpus_per_node)
+        return ExpertPlacement.from_plan(
+            dataclasses.replace(planned, gpus=gpus), self.cluster.num_gpus
+        )
+
+    def maybe_rebalance(self) -> Migration | None:
+        """Re-plans and migrates when the schedule or the threshold says so and the new plan
+        lowers the imbalance; returns the Migration, or None. Collective; call it between
+        steps on every rank."""
+        due = self.interval > 0 and self._since_replan >= self.interval
+        hot = (
+            self.threshold is not None
+            and self._since_replan >= self.window
+            and self.imbalance() > self.threshold
+        )
+        if not (due or hot) or int(self.expert_loads().sum()) == 0:
+            return None
+        self._since_replan = 0
+        new = self.plan()
+        before, after = self.imbalance(), self.imbalance(new)
+        if after >= before:
+            return None  # not worth moving weights
+        migration = self._migrate(new, before, after)
+        self.migrations.append(migration)
+        return migration
+
+    @torch.no_grad()
+    def _migrate(self, new: ExpertPlacement, before: float, after: float) -> Migration:
+        """Moves the weights of the slots each rank newly hosts from a rank that holds the
+        expert now (point-to-point, batched), then swaps the layer's placement and weights."""
+        layer, group = self.layer, self.layer.group
+        me = group.rank()
+        old = layer.placement
+        old_local = old.local_experts(me)
+        transfers = migration_transfers(old, new)
+        sends: dict[int, list[int]] = {}
+        recvs: dict[int, list[int]] = {}
+        for e, source, dest in transfers:
+            if source == me:
+                sends.setdefault(dest, []).append(e)
+            if dest == me:
+                recvs.setdefault(source, []).append(e)
+        w13, w2 = layer.w13, layer.w2
+        row_of = {e: i for i, e in enumerate(old_local)}  # expert -> local row now
+        split = w13[0].numel()  # a message row: w13 then w2 of one expert, flattened
+        ops, received = [], {}
+        # One message per (source, destination) pair, experts in ascending order.
+        for dest, experts in sorted(sends.items()):
+            rows = torch.tensor([row_of[e] for e in experts], device=w13.device)
+            buffer = torch.cat([w13[rows].flatten(1), w2[rows].flatten(1)], dim=1)
+            ops.append(dist.P2POp(dist.isend, buffer, group=group, group_peer=dest))
+        for source, experts in sorted(recvs.items()):
+            buffer = w13.new_empty(len(experts), split + w2[0].numel())
+            received.update(zip(experts, buffer, strict=True))
+            ops.append(dist.P2POp(dist.irecv, buffer, group=group, group_peer=source))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
+        def rows_of(weights: torch.Tensor, part: slice) -> torch.Tensor:
+            rows = [
+                weights[row_of[e]] if e in row_of else received[e][part].view(weights.shape[1:])
+                for e in new.local_experts(me)
+            ]
+            return torch.stack(rows) if rows else weights.new_empty(0, *weights.shape[1:])
+
+        layer.set_placement(new, rows_of(w13, slice(0, split)), rows_of(w2, slice(split, None)))
+        row_bytes = (split + w2[0].numel()) * w13.element_size()
+        return Migration(tuple(transfers), len(transfers) * row_bytes, before, after)
+
+
+def migration_transfers(old: ExpertPlacement, new: ExpertPlacement) -> list[tuple[int, int, int]]:
+    """The copies that turn `old` into `new`: (expert, source rank, destination rank) for
+    each expert that a rank hosts in `new` but not in `old`, by destination then expert. A
+    replicated expert's copies come from its holders in turn, spreading the sends."""
+    world = old.world_size
+    old_local = [old.local_experts(r) for r in range(world)]
+    holders: dict[int, list[int]] = {}
+    for r in range(world):
+        for e in old_local[r]:
+            holders.setdefault(e, []).append(r)
+    transfers = []
+    for r in range(world):
+        for e in sorted(set(new.local_experts(r)) - set(old_local[r])):
+            transfers.append((e, holders[e][r % len(holders[e])], r))
+    return transfers
+
+
+def _keep_in_place(
+    planned: plan.LayerPlacement, current: ExpertPlacement, gpus_per_node: int
+) -> list[int]:
+    """The GPU of each planned slot after relabelling the planned GPUs of every node onto that
+    node's ranks so that as many planned experts as possible stay on a rank that has them.
+
+    Any permutation of GPUs within a node keeps the plan's GPU loads and its node-level
+    traffic, so only the bytes to migrate change. Greedy matching on overlap, ties to the
+    lower index: deterministic."""
+    contents: dict[int, set[int]] = {}
+    for slot, gpu in enumerate(planned.gpus):
+        contents.setdefault(gpu, set()).add(planned.phy2log[slot])
+    held = [set(current.local_experts(r)) for r in range(current.world_size)]
+    relabel = {}
+    for node in range(current.world_size // gpus_per_node):
+        ranks = range(node * gpus_per_node, (node + 1) * gpus_per_node)
+        pairs = sorted((-len(contents.get(g, set()) & held[r]), g, r) for g in ranks for r in ranks)
+        taken_gpu, taken_rank = set(), set()
+        for _, g, r in pairs:
+            if g not in taken_gpu and r not in taken_rank:
+                relabel[g] = r
+                taken_gpu.add(g)
+                taken_rank.add(r)
+    return [relabel[g] for g in planned.gpus]
