@@ -33,7 +33,9 @@ def build_with_cuda() -> bool:
 
 
 def extension():
-    sources = core_sources() + relative_glob("csrc/ops/*.cpp") + relative_glob("csrc/bindings/*.cpp")
+    sources = (
+        core_sources() + relative_glob("csrc/ops/*.cpp") + relative_glob("csrc/bindings/*.cpp")
+    )
     include_dirs = [os.path.join(ROOT, "csrc")]
     cxx_flags = ["-O3", "-fvisibility=hidden"]
     if not build_with_cuda():
