@@ -429,8 +429,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_capacity_sta
 
   // Metadata first: if the ranks disagree on shapes, CPU callers learn it before the rows move.
   const at::Tensor meta_recv = all_to_all_rows(group, meta_send.narrow(0, 0, rows), {}, {});
-  const at::Tensor status =
-      meta_recv.view({world, capacity, meta_width}).select(1, 0).narrow(1, 2 * width, kStatusSize);
+  const at::Tensor status = meta_recv.view({world, capacity, meta_width})
+                                .select(1, 0)
+                                .narrow(1, 2 * width, kStatusSize)
+                                .clone();  // its own storage, not a view into the metadata
   if (!x.is_cuda()) check_status(status, hidden, num_experts, group->getRank());
   return {start_all_to_all_rows(group, x_send.narrow(0, 0, rows), {}, {}), meta_recv,
           at::where(first & (row_of_choice < trash), row_of_choice, -1).to(at::kInt), status};

@@ -1,0 +1,46 @@
+"""torch.library.opcheck on the expert-parallel ops, in a one-rank Gloo group in this process
+(schema, fake kernels with data-dependent sizes, dispatcher registration)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moe_ep import dispatcher
+from moe_ep.dispatcher import ExpertPlacement
+
+
+@pytest.fixture(scope="module")
+def group_name(tmp_path_factory):
+    init_file = tmp_path_factory.mktemp("dist") / "init"
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    yield dist.group.WORLD.group_name
+    dist.destroy_process_group()
+
+
+def inputs():
+    placement = ExpertPlacement.contiguous(4, 1)
+    x = torch.randn(6, 8)
+    ids = torch.stack([torch.randperm(4)[:2] for _ in range(6)]).int()
+    return placement, x, ids, torch.rand(6, 2)
+
+
+def test_opcheck_dispatch_ops(group_name):
+    placement, x, ids, weights = inputs()
+    maps = (placement.expert_rank, placement.expert_local)
+    ops = torch.ops.moe_ep
+    torch.library.opcheck(ops.dispatch_layout.default, (ids, *maps, 1, 4))
+    torch.library.opcheck(ops.dispatch.default, (x, ids, weights, *maps, 4, group_name))
+    torch.library.opcheck(ops.dispatch_capacity.default, (x, ids, weights, *maps, 4, 6, group_name))
+    received = dispatcher.dispatch(x, ids, weights, placement, group_name)
+    torch.library.opcheck(
+        ops.combine.default,
+        (
+            received.x_sorted,
+            received.recv_row_of,
+            received.recv_weights,
+            received.recv_counts,
+            received.send_counts,
+            received.token_slot,
+            group_name,
+        ),
+    )
