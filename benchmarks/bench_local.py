@@ -424,6 +424,11 @@ def main(argv=None) -> None:
                     "matmul_tflops_start_end": [mm, mm_end],
                     "copy_gbps_start_end": [copy, copy_end],
                 },
+                # What `python -m moe_ep.perf --calibrate FILE` reads: the measured rates.
+                "rates": {
+                    "matmul_flops_per_s": bench.mm_tflops * 1e12,
+                    "memory_bytes_per_s": bench.copy_gbps * 1e9,
+                },
                 "notes": bench.notes,
                 "summary": summary,
                 "rows": bench.rows,

@@ -130,3 +130,19 @@ def test_placement_imbalance_feeds_the_cost_model():
     factor = perf.placement_imbalance(skewed)
     expected = sum(layer.metrics.imbalance for layer in skewed.moe_layers) / 3
     assert factor == pytest.approx(expected) and factor > 1.0
+
+
+def test_calibrate_reads_bench_local_json(tmp_path):
+    path = tmp_path / "local.json"
+    path.write_text(
+        json.dumps(
+            {
+                "env": {},
+                "limits": {"matmul_tflops": 700.0},
+                "rates": {"matmul_flops_per_s": 700e12, "memory_bytes_per_s": 3.0e12},
+            }
+        )
+    )
+    hw = perf.calibrate(perf.HARDWARE["h100"], str(path))
+    assert hw.peak_flops_bf16 == 700e12 and hw.mfu == 1.0
+    assert hw.memory_bandwidth == 3.0e12 and hw.memory_efficiency == 1.0
