@@ -6,9 +6,11 @@
 #include <string_view>
 #include <vector>
 
+#include "core/activation.h"
+
 namespace moe_ep::ops {
 
-enum class Activation : int { kSiluAndMul = 0, kGeluAndMul = 1 };
+using core::Activation;
 
 // Validates shapes, dtypes and devices of moe_ep::expert_ffn; returns the activation.
 Activation check_expert_ffn_args(const at::Tensor& x, const at::Tensor& expert_offsets,

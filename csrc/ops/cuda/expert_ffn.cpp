@@ -47,10 +47,7 @@ at::Tensor expert_ffn_cuda(const at::Tensor& x, const at::Tensor& expert_offsets
                          at_row(gate_up_w, e * 2 * ffn, hidden), at_row(gate_up, first, 2 * ffn)),
         "gate/up GEMM");
   });
-  C10_CUDA_CHECK(kernels::launch_gated_activation(gate_up.data_ptr(), dtype, rows, ffn,
-                                                  act == Activation::kSiluAndMul
-                                                      ? kernels::Activation::kSiluAndMul
-                                                      : kernels::Activation::kGeluAndMul,
+  C10_CUDA_CHECK(kernels::launch_gated_activation(gate_up.data_ptr(), dtype, rows, ffn, act,
                                                   activated.data_ptr(), current_stream()));
   experts([&](int64_t e, int64_t first, int64_t count) {
     check_cublas(kernels::gemm_nt(handle, dtype, count, hidden, ffn, at_row(activated, first, ffn),

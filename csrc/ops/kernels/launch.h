@@ -8,12 +8,13 @@
 
 #include <cstdint>
 
+#include "core/activation.h"
 #include "core/routing.h"
 
 namespace moe_ep::kernels {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-enum class Activation : int { kSiluAndMul = 0, kGeluAndMul = 1 };
+using core::Activation;
 
 // route: one thread per token running core::route_token.
 cudaError_t launch_route(const void* logits, DType dtype, const float* bias,
