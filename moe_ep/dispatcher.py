@@ -300,20 +300,26 @@ class CapacityDispatched:
     def check(self) -> None:
         """Raises DispatchOverflow (or a RuntimeError naming the argument, for ranks that
         disagree) identically on every rank. On CUDA this reads the status from the device."""
-        status = self.status.cpu().long()
-        bad = status[:, 3].nonzero().view(-1).tolist()
-        if bad:
+        check_status(self.status, self.capacity)
+
+
+def check_status(status: torch.Tensor, capacity: int) -> None:
+    """Checks a fixed-capacity dispatch's status ([world, 4]: per source rank its overflow,
+    hidden size, number of experts, bad-ids flag), the same on every rank."""
+    status = status.cpu().long()
+    bad = status[:, 3].nonzero().view(-1).tolist()
+    if bad:
+        raise RuntimeError(
+            f"moe_ep: dispatch: rank(s) {bad} passed an argument 'topk_ids' with an expert id "
+            "outside the expert map"
+        )
+    for column, what in ((1, "hidden size (argument 'x')"), (2, "number of experts")):
+        if status[:, column].unique().numel() > 1:
             raise RuntimeError(
-                f"moe_ep: dispatch: rank(s) {bad} passed an argument 'topk_ids' with an expert id "
-                "outside the expert map"
+                f"moe_ep: dispatch: ranks disagree on the {what}: {status[:, column].tolist()}"
             )
-        for column, what in ((1, "hidden size (argument 'x')"), (2, "number of experts")):
-            if status[:, column].unique().numel() > 1:
-                raise RuntimeError(
-                    f"moe_ep: dispatch: ranks disagree on the {what}: {status[:, column].tolist()}"
-                )
-        if int(status[:, 0].sum()) > 0:
-            raise DispatchOverflow(int(status[:, 0].sum()), self.capacity)
+    if int(status[:, 0].sum()) > 0:
+        raise DispatchOverflow(int(status[:, 0].sum()), capacity)
 
 
 def _group_name(group: dist.ProcessGroup | str | None) -> str:

@@ -41,7 +41,11 @@ class MoELayer(nn.Module):
             count of any rank guarantees no overflow.
         on_overflow: in "capacity" mode, what to do when some (token, rank) pairs did not fit:
             "fallback" reruns the step with the exact-size dispatch, "raise" raises
-            DispatchOverflow. Either way all ranks take the same decision.
+            DispatchOverflow; either way all ranks take the same decision, after one
+            device-to-host read of the status per chunk. "report" reads nothing (a forward that
+            can be captured in a CUDA graph): pairs over capacity are left out of the output
+            and the step's status tensors stay in dispatch_status, for
+            check_dispatch_status() after the step (or the graph replay).
         num_chunks: micro-batches of the expert-parallel pipeline (1 = no overlap): the
             dispatch of one chunk and the combine of another travel while a third computes.
             Every rank must use the same value. Default: 1 for CPU tensors (measured with
@@ -81,13 +85,16 @@ class MoELayer(nn.Module):
             raise ValueError(f"dispatch_mode must be 'exact' or 'capacity', got {dispatch_mode!r}")
         if dispatch_mode == "capacity" and (capacity is None or capacity < 1):
             raise ValueError(f"dispatch_mode='capacity' needs a capacity >= 1, got {capacity}")
-        if on_overflow not in ("fallback", "raise"):
-            raise ValueError(f"on_overflow must be 'fallback' or 'raise', got {on_overflow!r}")
+        if on_overflow not in ("fallback", "raise", "report"):
+            raise ValueError(
+                f"on_overflow must be 'fallback', 'raise' or 'report', got {on_overflow!r}"
+            )
         if num_chunks is None:
             num_chunks = 2 if torch.device(device or "cpu").type == "cuda" else 1
         if num_chunks < 1:
             raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
         self.dispatch_mode, self.capacity, self.on_overflow = dispatch_mode, capacity, on_overflow
+        self.dispatch_status: list[torch.Tensor] = []  # on_overflow="report": the last step's
         self.num_chunks = num_chunks
         self.group = group
         if group is not None:
@@ -202,6 +209,7 @@ class MoELayer(nn.Module):
             permuted, offsets, row_of = ops.permute(x, topk_ids, self.num_experts)
             y = ops.expert_ffn(permuted, offsets, self.w13, self.w2, self.activation)
             return ops.unpermute(y, row_of, topk_weights)
+        self.dispatch_status = []
         pending = self.start_dispatch(x, topk_ids, topk_weights)
         received = self.finish_dispatch(pending, x, topk_ids, topk_weights)
         return self.start_combine(self.local_experts(received), received).wait()
@@ -229,6 +237,9 @@ class MoELayer(nn.Module):
         and on overflow reruns the step with the exact-size dispatch or raises."""
         received = pending.wait()
         if isinstance(received, dispatcher.CapacityDispatched):
+            if self.on_overflow == "report":
+                self.dispatch_status.append(received.status)
+                return received
             try:
                 received.check()
             except dispatcher.DispatchOverflow:
@@ -237,6 +248,12 @@ class MoELayer(nn.Module):
                 slots = self.slot_ids(topk_ids)
                 return dispatcher.dispatch(x, slots, topk_weights, self.placement, self.group)
         return received
+
+    def check_dispatch_status(self) -> None:
+        """With on_overflow="report": raises DispatchOverflow (or the mismatch error) if a
+        chunk of the last step overflowed; the same on every rank. Reads the device."""
+        for status in self.dispatch_status:
+            dispatcher.check_status(status, self.capacity)
 
     def local_experts(
         self, received: dispatcher.Dispatched | dispatcher.CapacityDispatched

@@ -60,6 +60,8 @@ def stream_layers(
     """
     if num_chunks < 1 or depth < 1:
         raise ValueError(f"num_chunks and depth must be >= 1, got {num_chunks}, {depth}")
+    for layer in layers:
+        layer.dispatch_status = []  # this step's statuses (fixed-capacity, "report")
     outputs: list[torch.Tensor | None] = [None] * num_chunks
     waiting = [deque() for _ in layers]  # per layer: (chunk, input) not yet admitted
     waiting[0].extend(enumerate(x.tensor_split(num_chunks)))

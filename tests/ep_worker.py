@@ -146,6 +146,38 @@ def run_scenarios(device="cpu"):
     except moe_ep.dispatcher.DispatchOverflow as error:
         assert error.pairs > 0
 
+    # "report": no host read in the step; the status is checked afterwards, on every rank.
+    check_layer(
+        "report",
+        2 * world,
+        2,
+        30,
+        torch.float32,
+        device=device,
+        mode="capacity",
+        on_overflow="report",
+    )
+    layer = moe_ep.MoELayer(
+        HIDDEN,
+        FFN,
+        2 * world,
+        2,
+        dtype=torch.float32,
+        device=device,
+        group=dist.group.WORLD,
+        dispatch_mode="capacity",
+        capacity=2,
+        on_overflow="report",
+        num_chunks=2,
+    )
+    layer(torch.randn(30, HIDDEN, device=device))
+    assert len(layer.dispatch_status) == 2
+    try:
+        layer.check_dispatch_status()
+        raise AssertionError("the overflow was not reported")
+    except moe_ep.dispatcher.DispatchOverflow as error:
+        assert error.pairs > 0
+
     # The fused combine op equals its two halves (dispatcher.combine uses the halves).
     placement = ExpertPlacement.contiguous(2 * world, world)
     x = torch.randn(9, HIDDEN, device=device)
