@@ -214,7 +214,9 @@ def map_to_slots(topk_ids: torch.Tensor, placement: ExpertPlacement, rank: int) 
     flat = topk_ids.reshape(-1).long()
     order = flat.argsort(stable=True)
     by_expert = flat[order]
-    counts = torch.bincount(flat, minlength=placement.num_experts)
+    # scatter_add, not bincount: bincount sizes its output from the data (a host read on CUDA).
+    counts = torch.zeros(placement.num_experts, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
     first = counts.cumsum(0) - counts  # where each expert's run starts in by_expert
     position = torch.empty_like(flat)
     position[order] = torch.arange(flat.numel(), device=flat.device) - first[by_expert]
