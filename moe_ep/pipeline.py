@@ -6,12 +6,19 @@ in flight:
   1. route, start the dispatch (the counts are exchanged, the rows leave);
   2. wait for the rows, run the local experts, start the combine, run the caller's overlap_fn;
   3. wait for the combined rows.
-A scheduler advances the tasks round-robin, at most `depth` chunks of a layer at a time (the
-double buffer: one chunk's rows in flight while another's compute). When chunk c leaves layer l
-it enters layer l+1, so layer l+1 starts on the first chunk while layer l still works on later
-ones (the seeds' layer-to-layer streaming). The order of collectives depends only on the number
-of layers and chunks, never on the data, so every rank issues the same sequence even when
-their token counts differ or are zero.
+A scheduler advances the tasks round-robin, at most `depth` chunks of a layer at a time. When
+chunk c leaves layer l it enters layer l+1, so layer l+1 starts on the first chunk while layer
+l still works on later ones (the seeds' layer-to-layer streaming).
+
+The default depth admits every chunk of the first layer at once, so all their dispatches are
+issued before any expert runs. On CUDA this is what lets them overlap: c10d orders a NCCL
+collective after all work already queued on the current stream, so a dispatch issued after
+the experts of an earlier chunk were queued would wait for them. (A smaller depth bounds the
+memory of rows in flight at the price of that overlap.)
+
+The order of collectives depends only on the number of layers, chunks and the depth, never on
+the data, so every rank issues the same sequence even when their token counts differ or are
+zero.
 
 On CPU/Gloo, Gloo's threads move the rows while the main thread computes; on CUDA/NCCL the
 transfers run on NCCL's stream while the experts run on the current stream.
@@ -50,7 +57,7 @@ def stream_layers(
     x: torch.Tensor,
     num_chunks: int,
     overlap_fn: OverlapFn | None = None,
-    depth: int = 2,
+    depth: int | None = None,
 ) -> torch.Tensor:
     """x [T, H] through the expert-parallel layers in order, chunk by chunk.
 
@@ -58,6 +65,7 @@ def stream_layers(
     pass the same layers, num_chunks and depth. overlap_fn(chunk, x_chunk) is called in each
     layer while that chunk's combine travels; a tensor it returns is added to the output.
     """
+    depth = num_chunks if depth is None else depth
     if num_chunks < 1 or depth < 1:
         raise ValueError(f"num_chunks and depth must be >= 1, got {num_chunks}, {depth}")
     for layer in layers:

@@ -246,8 +246,9 @@ def run_overlap(device="cpu"):
             sequential = x
             for layer in layers:
                 sequential = layer.experts(sequential, *layer.route(sequential))
-            streamed = stream_layers(layers, x, 3)
-            torch.testing.assert_close(streamed, sequential, rtol=1e-5, atol=1e-5)
+            for depth in (None, 1, 2):
+                streamed = stream_layers(layers, x, 3, depth=depth)
+                torch.testing.assert_close(streamed, sequential, rtol=1e-5, atol=1e-5)
 
 
 def capacity_dispatch(x, ids, weights, placement, group=None):
