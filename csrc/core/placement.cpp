@@ -459,6 +459,263 @@ class NodeAssignment {
   std::vector<int> moved_to_b_;
 };
 
+// Re-planning from a previous placement (see the header): keeps slots where they are and
+// changes as few as possible. Works on (GPU, expert) pairs; a move is a pair the previous
+// placement lacked.
+class Replan {
+ public:
+  Replan(const LayerStats& stats, const std::vector<double>& load, const std::vector<int>& capacity,
+         int max_count)
+      : load_(load),
+        capacity_(capacity),
+        num_experts_(static_cast<int>(load.size())),
+        num_gpus_(static_cast<int>(capacity.size())),
+        max_count_(max_count),
+        count_(num_experts_, 0),
+        experts_of_gpu_(num_gpus_),
+        gpus_of_expert_(num_experts_),
+        gpu_load_(num_gpus_, 0.0),
+        previous_(static_cast<size_t>(num_gpus_) * num_experts_, 0) {
+    for (size_t s = 0; s < stats.previous_gpus.size(); ++s) {
+      const int g = stats.previous_gpus[s], e = stats.previous_phy2log[s];
+      previous_[index(g, e)] = 1;
+      experts_of_gpu_[g].push_back(e);
+      gpus_of_expert_[e].push_back(g);
+      ++count_[e];
+    }
+    for (int g = 0; g < num_gpus_; ++g) refresh_gpu(g);
+  }
+
+  // Step 1: drops replicas beyond `slots`, sheds the slots of GPUs over capacity and fills
+  // every GPU's room. Returns the moves this forced.
+  int take_previous(int64_t slots) {
+    while (total_slots() > slots) {  // free: fewest load lost per replica first
+      int expert = -1;
+      for (int e = 0; e < num_experts_; ++e) {
+        if (count_[e] > 1 &&
+            (expert < 0 || load_[e] / (count_[e] - 1) < load_[expert] / (count_[expert] - 1))) {
+          expert = e;
+        }
+      }
+      remove(heaviest_holder(expert, -1, true), expert);
+    }
+    for (int g = 0; g < num_gpus_; ++g) {
+      while (static_cast<int>(experts_of_gpu_[g].size()) > capacity_[g]) {
+        const auto& held = experts_of_gpu_[g];
+        remove(g, *std::max_element(held.begin(), held.end(), [&](int a, int b) {
+                 return per_replica(a) < per_replica(b) ||
+                        (per_replica(a) == per_replica(b) && a > b);
+               }));
+      }
+    }
+    while (total_slots() < slots) {
+      int expert = static_cast<int>(std::find(count_.begin(), count_.end(), 0) - count_.begin());
+      if (expert == num_experts_) {  // every expert has a slot: the most loaded per replica
+        expert = -1;
+        for (int e = 0; e < num_experts_; ++e) {
+          if (count_[e] < max_count_ && (expert < 0 || per_replica(e) > per_replica(expert))) {
+            expert = e;
+          }
+        }
+      }
+      if (expert < 0) throw std::logic_error("placement: no expert can take another replica");
+      add_to_lightest(expert);
+    }
+    return moves_;
+  }
+
+  // Step 2: optional moves while they lower the maximum, at most `budget` (-1: no limit).
+  void improve(int budget, int forced) {
+    const int limit = budget < 0 ? std::numeric_limits<int>::max() : forced + budget;
+    transfer_replicas(limit);
+    swap_slots(limit);
+  }
+
+  int moves() const { return moves_; }
+  const std::vector<int>& count() const { return count_; }
+  const std::vector<std::vector<int>>& experts_of_gpu() const { return experts_of_gpu_; }
+
+ private:
+  size_t index(int g, int e) const { return static_cast<size_t>(g) * num_experts_ + e; }
+  double per_replica(int e) const { return count_[e] ? load_[e] / count_[e] : load_[e]; }
+  int64_t total_slots() const { return std::accumulate(count_.begin(), count_.end(), int64_t{0}); }
+  bool holds(int g, int e) const {
+    const auto& held = experts_of_gpu_[g];
+    return std::find(held.begin(), held.end(), e) != held.end();
+  }
+  // The move-count change of placing (+1) or removing (-1) expert e on GPU g.
+  int cost(int g, int e) const { return previous_[index(g, e)] ? 0 : 1; }
+
+  void refresh_gpu(int g) {
+    double sum = 0.0;
+    for (int e : experts_of_gpu_[g]) sum += per_replica(e);
+    gpu_load_[g] = sum;
+  }
+  void refresh_expert(int e) {
+    for (int g : gpus_of_expert_[e]) refresh_gpu(g);
+  }
+  void add(int g, int e) {
+    experts_of_gpu_[g].push_back(e);
+    gpus_of_expert_[e].push_back(g);
+    ++count_[e];
+    moves_ += cost(g, e);
+    refresh_expert(e);
+  }
+  void remove(int g, int e) {
+    auto& held = experts_of_gpu_[g];
+    held.erase(std::find(held.begin(), held.end(), e));
+    auto& hosts = gpus_of_expert_[e];
+    hosts.erase(std::find(hosts.begin(), hosts.end(), g));
+    --count_[e];
+    moves_ -= cost(g, e);
+    refresh_gpu(g);
+    refresh_expert(e);
+  }
+  bool has_room(int g) const { return static_cast<int>(experts_of_gpu_[g].size()) < capacity_[g]; }
+
+  // The holder of e with the highest load (over capacity first when asked), not holding
+  // `avoid`; ties to the lower GPU. -1 when none.
+  int heaviest_holder(int e, int avoid, bool over_capacity_first) const {
+    int best = -1;
+    auto key = [&](int g) {
+      const bool over =
+          over_capacity_first && static_cast<int>(experts_of_gpu_[g].size()) > capacity_[g];
+      return std::make_pair(over, gpu_load_[g]);
+    };
+    for (int g : gpus_of_expert_[e]) {
+      if (avoid >= 0 && holds(g, avoid)) continue;
+      if (best < 0 || key(g) > key(best) || (key(g) == key(best) && g < best)) best = g;
+    }
+    return best;
+  }
+
+  // A new slot of e on the lightest GPU with room that lacks e; when every GPU with room
+  // holds e, a slot of a full GPU moves into the room first and e takes its place.
+  void add_to_lightest(int e) {
+    int target = -1;
+    for (int g = 0; g < num_gpus_; ++g) {
+      if (has_room(g) && !holds(g, e) && (target < 0 || gpu_load_[g] < gpu_load_[target])) {
+        target = g;
+      }
+    }
+    if (target >= 0) return add(target, e);
+    for (int room = 0; room < num_gpus_; ++room) {
+      if (!has_room(room)) continue;
+      for (int full = 0; full < num_gpus_; ++full) {
+        if (has_room(full) || capacity_[full] == 0 || holds(full, e)) continue;
+        for (int moved : experts_of_gpu_[full]) {
+          if (holds(room, moved)) continue;
+          remove(full, moved);
+          add(room, moved);
+          return add(full, e);
+        }
+      }
+    }
+    throw std::logic_error("placement: no GPU can take another replica");
+  }
+
+  // A replica of B (the least load per replica after losing one) becomes one of A (the
+  // most load per replica) on the same GPU, while B's new load per replica stays below A's
+  // current one: the largest load per replica never rises and the sorted loads per replica
+  // fall, so this ends at the counts of a fresh plan unless the budget runs out first.
+  void transfer_replicas(int limit) {
+    for (;;) {
+      int a = -1, b = -1;
+      for (int e = 0; e < num_experts_; ++e) {
+        if (count_[e] < max_count_ && (a < 0 || per_replica(e) > per_replica(a))) a = e;
+      }
+      if (a < 0) return;
+      for (int e = 0; e < num_experts_; ++e) {
+        if (e == a || count_[e] < 2) continue;
+        if (b < 0 || load_[e] / (count_[e] - 1) < load_[b] / (count_[b] - 1)) b = e;
+      }
+      const double top = per_replica(a);
+      if (b < 0 || !(load_[b] / (count_[b] - 1) < top - improvement_epsilon(top))) return;
+      int gpu = -1;  // the cheapest holder of b that lacks a, then the heaviest
+      for (int g : gpus_of_expert_[b]) {
+        if (holds(g, a)) continue;
+        const int c = cost(g, a) - cost(g, b);
+        const int best = gpu < 0 ? 0 : cost(gpu, a) - cost(gpu, b);
+        if (gpu < 0 || c < best ||
+            (c == best &&
+             (gpu_load_[g] > gpu_load_[gpu] || (gpu_load_[g] == gpu_load_[gpu] && g < gpu)))) {
+          gpu = g;
+        }
+      }
+      if (gpu < 0 || moves_ + cost(gpu, a) - cost(gpu, b) > limit) return;
+      remove(gpu, b);
+      add(gpu, a);
+    }
+  }
+
+  // Swaps a slot of the heaviest GPU with one of a light GPU while that lowers the heaviest
+  // GPU's load: the lowest resulting maximum first, ties to the fewest moves.
+  void swap_slots(int limit) {
+    constexpr int kLightGpus = 8;
+    std::vector<int> by_load(num_gpus_);
+    for (int iteration = 0; iteration < 4 * num_gpus_; ++iteration) {
+      const int heavy = static_cast<int>(std::max_element(gpu_load_.begin(), gpu_load_.end()) -
+                                         gpu_load_.begin());
+      std::iota(by_load.begin(), by_load.end(), 0);
+      const int light_count = std::min(kLightGpus, num_gpus_);
+      std::partial_sort(
+          by_load.begin(), by_load.begin() + light_count, by_load.end(), [&](int a, int b) {
+            return gpu_load_[a] < gpu_load_[b] || (gpu_load_[a] == gpu_load_[b] && a < b);
+          });
+      const double top = gpu_load_[heavy];
+      double best = top - improvement_epsilon(top);
+      int best_cost = 0, best_light = -1, best_x = -1, best_y = -1;
+      for (int l = 0; l < light_count; ++l) {
+        const int light = by_load[l];
+        if (light == heavy) continue;
+        for (int x : experts_of_gpu_[heavy]) {
+          if (holds(light, x)) continue;
+          for (int y : experts_of_gpu_[light]) {
+            const double shift = per_replica(x) - per_replica(y);
+            if (shift <= 0 || holds(heavy, y)) continue;
+            const double worst = std::max(top - shift, gpu_load_[light] + shift);
+            const int c = cost(light, x) + cost(heavy, y) - cost(heavy, x) - cost(light, y);
+            if (moves_ + c > limit) continue;
+            if (worst < best || (worst == best && best_light >= 0 && c < best_cost)) {
+              best = worst;
+              best_cost = c;
+              best_light = light;
+              best_x = x;
+              best_y = y;
+            }
+          }
+        }
+      }
+      if (best_light < 0) return;
+      remove(heavy, best_x);
+      remove(best_light, best_y);
+      add(heavy, best_y);
+      add(best_light, best_x);
+    }
+  }
+
+  const std::vector<double>& load_;
+  const std::vector<int>& capacity_;
+  int num_experts_, num_gpus_, max_count_;
+  std::vector<int> count_;
+  std::vector<std::vector<int>> experts_of_gpu_;
+  std::vector<std::vector<int>> gpus_of_expert_;
+  std::vector<double> gpu_load_;
+  std::vector<char> previous_;  // G x E: the pair was in the previous placement
+  int moves_ = 0;
+};
+
+// Slots ordered by GPU, then expert, from one (GPU, expert) pair per slot.
+LayerPlacement finish(LayerPlacement placement, std::vector<std::pair<int, int>> gpu_expert) {
+  std::sort(gpu_expert.begin(), gpu_expert.end());
+  for (size_t s = 0; s < gpu_expert.size(); ++s) {
+    placement.gpus.push_back(gpu_expert[s].first);
+    placement.phy2log.push_back(gpu_expert[s].second);
+    placement.log2phy[gpu_expert[s].second].push_back(static_cast<int>(s));
+  }
+  return placement;
+}
+
 LayerPlacement plan_moe_layer(int layer, const LayerStats& stats, const PlacementModel& model,
                               const ClusterSpec& cluster, const PlanOptions& options, int64_t slots,
                               const std::vector<int>& capacity) {
@@ -466,6 +723,20 @@ LayerPlacement plan_moe_layer(int layer, const LayerStats& stats, const Placemen
   const std::vector<double> load = resolve_loads(stats, model.experts_per_layer);
   const int gpus_with_room = static_cast<int>(
       std::count_if(capacity.begin(), capacity.end(), [](int c) { return c > 0; }));
+  LayerPlacement placement;
+  placement.layer = layer;
+  placement.log2phy.assign(model.experts_per_layer, {});
+  std::vector<std::pair<int, int>> gpu_expert;  // one per slot, sorted into slot order
+  if (!stats.previous_gpus.empty()) {
+    Replan replan(stats, load, capacity, gpus_with_room);
+    replan.improve(options.max_moves, replan.take_previous(slots));
+    placement.moves = replan.moves();
+    placement.replica_count = replan.count();
+    for (int g = 0; g < num_gpus; ++g) {
+      for (int e : replan.experts_of_gpu()[g]) gpu_expert.emplace_back(g, e);
+    }
+    return finish(std::move(placement), std::move(gpu_expert));
+  }
   const std::vector<int> count = replica_counts(load, slots, gpus_with_room);
   Packing packing = pack_heaviest_first(load, count, capacity);
 
@@ -493,27 +764,50 @@ LayerPlacement plan_moe_layer(int layer, const LayerStats& stats, const Placemen
     }
   }
 
-  std::vector<std::pair<int, int>> gpu_expert;  // one per slot, sorted into slot order
   for (int bin = 0; bin < num_gpus; ++bin) {
     for (int slot : packing.slots_of_gpu[bin]) {
       gpu_expert.emplace_back(gpu_of_bin[bin], packing.slot_expert[slot]);
     }
   }
-  std::sort(gpu_expert.begin(), gpu_expert.end());
-  LayerPlacement placement;
-  placement.layer = layer;
   placement.replica_count = count;
-  placement.log2phy.assign(model.experts_per_layer, {});
-  for (size_t s = 0; s < gpu_expert.size(); ++s) {
-    placement.gpus.push_back(gpu_expert[s].first);
-    placement.phy2log.push_back(gpu_expert[s].second);
-    placement.log2phy[gpu_expert[s].second].push_back(static_cast<int>(s));
+  return finish(std::move(placement), std::move(gpu_expert));
+}
+
+// A previous placement must be one the planner could have made: every expert on some GPU,
+// no GPU with two slots of one expert.
+void validate_previous(const LayerStats& stats, const std::string& name, int num_experts,
+                       int num_gpus) {
+  const auto& gpus = stats.previous_gpus;
+  const auto& experts = stats.previous_phy2log;
+  if (gpus.size() != experts.size()) {
+    fail(name + ".previous_gpus", "expected one GPU per previous slot (" +
+                                      std::to_string(experts.size()) + "), got " +
+                                      std::to_string(gpus.size()));
   }
-  return placement;
+  std::set<std::pair<int, int>> pairs;
+  std::vector<bool> placed(num_experts, false);
+  for (size_t s = 0; s < gpus.size(); ++s) {
+    if (gpus[s] < 0 || gpus[s] >= num_gpus) {
+      fail(name + ".previous_gpus", "GPU " + std::to_string(gpus[s]) + " out of range");
+    }
+    if (experts[s] < 0 || experts[s] >= num_experts) {
+      fail(name + ".previous_phy2log", "expert id " + std::to_string(experts[s]) + " out of range");
+    }
+    if (!pairs.emplace(gpus[s], experts[s]).second) {
+      fail(name + ".previous_gpus", "GPU " + std::to_string(gpus[s]) + " holds expert " +
+                                        std::to_string(experts[s]) + " twice");
+    }
+    placed[experts[s]] = true;
+  }
+  const auto missing = std::find(placed.begin(), placed.end(), false);
+  if (!gpus.empty() && missing != placed.end()) {
+    fail(name + ".previous_phy2log",
+         "expert " + std::to_string(missing - placed.begin()) + " has no slot");
+  }
 }
 
 void validate_stats(const std::vector<LayerStats>& stats, const PlacementModel& model,
-                    size_t num_moe_layers) {
+                    size_t num_moe_layers, int num_gpus, Policy policy) {
   if (!stats.empty() && stats.size() != num_moe_layers) {
     fail("stats", "expected one entry per MoE layer (" + std::to_string(num_moe_layers) +
                       "), got " + std::to_string(stats.size()));
@@ -539,6 +833,10 @@ void validate_stats(const std::vector<LayerStats>& stats, const PlacementModel& 
       if (expert < 0 || expert >= model.experts_per_layer) {
         fail(name + ".coactivation", "expert id " + std::to_string(expert) + " out of range");
       }
+    }
+    validate_previous(stats[i], name, model.experts_per_layer, num_gpus);
+    if (!stats[i].previous_gpus.empty() && policy != Policy::kBalanced) {
+      fail(name + ".previous_gpus", "only the balanced policy re-plans from a previous placement");
     }
   }
 }
@@ -680,7 +978,8 @@ Placement plan_placement(const PlacementModel& model, const ClusterSpec& cluster
   if (!(options.memory_reserve_bytes >= 0)) fail("memory_reserve_bytes", "must be >= 0");
   if (options.redundant_experts < -1) fail("redundant_experts", "must be >= 0, or -1 (auto)");
   const std::vector<int> moe_layers = model.moe_layers();
-  validate_stats(stats, model, moe_layers.size());
+  if (options.max_moves < -1) fail("max_moves", "must be >= 0, or -1 (no limit)");
+  validate_stats(stats, model, moe_layers.size(), cluster.num_gpus(), options.policy);
 
   const int num_gpus = cluster.num_gpus();
   const bool limited = cluster.gpu_memory_bytes > 0;

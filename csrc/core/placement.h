@@ -42,6 +42,20 @@
 //               continuing the count after the last expert; no replicas. On 488 x 8 GPUs
 //               with 61 layers (0-2 dense) and 64 experts it is exactly the seeds' map.
 //
+// Re-planning (kBalanced, a layer's LayerStats with previous_gpus / previous_phy2log): the
+// GPU of every slot matters now (moving a slot means copying expert weights), so the plan
+// starts from the previous slots and changes as few as it can:
+//   1. forced changes: replicas no longer needed are dropped (free), a GPU whose capacity
+//      shrank sheds slots, and GPUs with room are filled, each new slot on the lightest GPU
+//      with room that lacks the expert, the most loaded expert per replica first;
+//   2. optional changes, at most max_moves of them: a replica of the expert with the least
+//      load per replica (after the change) becomes one of the expert with the most, while
+//      that lowers the largest load per replica (the replica counts converge on those of a
+//      fresh plan); then slot swaps between the heaviest GPU and the lightest ones while each
+//      lowers the heaviest GPU's load (the best first, then the cheapest).
+// A move is a (GPU, expert) pair the previous placement lacked: one expert's weights to
+// copy. The node step (which permutes whole GPUs) is skipped: it would move every slot.
+//
 // Memory: a GPU holds bytes_per_expert for each slot it hosts (summed over layers) and
 // dense_layer_bytes for each dense layer it runs (kBalanced / kGreedy: every GPU runs every
 // dense layer; kSequential: one GPU per dense layer). The budget is
@@ -77,6 +91,10 @@ struct PlacementModel {
 struct LayerStats {
   std::vector<double> expert_load;  // size E (or empty: derived from samples, else uniform)
   std::vector<int> coactivation;    // samples x top_k expert ids, row-major (may be empty)
+  // Optional previous placement of the layer (re-planning, see above): the GPU and the
+  // logical expert of every previous slot; both empty or of equal length.
+  std::vector<int> previous_gpus;
+  std::vector<int> previous_phy2log;
 };
 
 enum class Policy { kBalanced, kGreedy, kSequential };
@@ -88,6 +106,8 @@ struct PlanOptions {
   int redundant_experts = -1;
   double memory_reserve_bytes = 0.0;
   bool topology_aware = true;  // kBalanced only
+  // Re-planning: optional moves per layer beyond the forced ones; -1: no limit.
+  int max_moves = -1;
 };
 
 struct LayerMetrics {
@@ -106,6 +126,8 @@ struct LayerPlacement {
   std::vector<int> replica_count;         // logical expert -> number of slots
   // MoE layers: the GPU of every slot; dense layers: the GPUs that hold the layer.
   std::vector<int> gpus;
+  // Re-planned layers: (GPU, expert) pairs the previous placement lacked (weight copies).
+  int moves = 0;
   LayerMetrics metrics;
 };
 
