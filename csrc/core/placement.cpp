@@ -210,24 +210,20 @@ std::vector<double> sample_hits(const std::vector<int>& samples, int top_k,
                                 const ReplicaNodes& nodes, const std::vector<int>& count,
                                 double tokens_per_sample, int num_nodes) {
   std::vector<double> hit(num_nodes, 0.0);
-  std::vector<std::pair<int, double>> factors;  // (node, 1 - share) of every replica node
+  std::vector<double> miss(num_nodes, 1.0);  // per node, reset after every sample
+  std::vector<int> touched;
   for (size_t start = 0; start < samples.size(); start += top_k) {
-    factors.clear();
+    touched.clear();
     for (int i = 0; i < top_k; ++i) {
       const int e = samples[start + i];
       for (const auto& [n, replicas] : nodes[e]) {
-        factors.emplace_back(n, 1.0 - static_cast<double>(replicas) / count[e]);
+        if (miss[n] == 1.0) touched.push_back(n);
+        miss[n] *= 1.0 - static_cast<double>(replicas) / count[e];
       }
     }
-    std::sort(factors.begin(), factors.end());
-    for (size_t i = 0; i < factors.size();) {
-      double miss = 1.0;
-      size_t j = i;
-      for (; j < factors.size() && factors[j].first == factors[i].first; ++j) {
-        miss *= factors[j].second;
-      }
-      hit[factors[i].first] += tokens_per_sample * (1.0 - miss);
-      i = j;
+    for (int n : touched) {
+      hit[n] += tokens_per_sample * (1.0 - miss[n]);
+      miss[n] = 1.0;
     }
   }
   return hit;
@@ -332,15 +328,38 @@ class NodeAssignment {
       int best_light = -1, best_x = -1, best_y = -1;
       double best_heavy_hit = 0, best_light_hit = 0;
       fill_shares(heavy, count, share_a_);
+      const auto& heavy_bins = bins_of_node_[heavy];
+      // Branch and bound: a node that gains a bin never receives fewer copies, so a swap
+      // leaves each node at least the copies it has without the bin it gives away. Pairs
+      // whose bound cannot beat the best swap so far are not evaluated; the heavy node's
+      // bins go largest saving first, so the bound soon prunes most pairs.
+      std::vector<double> heavy_without(heavy_bins.size()), light_without;
+      std::vector<int> x_order(heavy_bins.size());
+      std::iota(x_order.begin(), x_order.end(), 0);
+      share_b_ = share_a_;  // a one-way move out of `heavy`: only its own side is read
+      for (size_t x = 0; x < heavy_bins.size(); ++x) {
+        heavy_without[x] =
+            hits_after_swap(heavy_bins[x], heavy, -1, heavy, samples, top_k, count, sample_tokens)
+                .first;
+      }
+      std::stable_sort(x_order.begin(), x_order.end(),
+                       [&](int a, int b) { return heavy_without[a] < heavy_without[b]; });
       for (int l = 0; l < light_count; ++l) {
         const int light = by_hit[l];
         if (light == heavy) continue;
         fill_shares(light, count, share_b_);
-        const auto& heavy_bins = bins_of_node_[heavy];
         const auto& light_bins = bins_of_node_[light];
-        for (int x = 0; x < static_cast<int>(heavy_bins.size()); ++x) {
+        light_without.resize(light_bins.size());
+        for (size_t y = 0; y < light_bins.size(); ++y) {
+          light_without[y] =
+              hits_after_swap(-1, heavy, light_bins[y], light, samples, top_k, count, sample_tokens)
+                  .second;
+        }
+        for (int x : x_order) {
+          if (heavy_without[x] >= best) break;  // sorted: no later x can do better
           for (int y = 0; y < static_cast<int>(light_bins.size()); ++y) {
             if (capacity_[heavy_bins[x]] != capacity_[light_bins[y]]) continue;
+            if (light_without[y] >= best) continue;
             const auto [heavy_hit, light_hit] = hits_after_swap(
                 heavy_bins[x], heavy, light_bins[y], light, samples, top_k, count, sample_tokens);
             if (std::max(heavy_hit, light_hit) < best) {
@@ -410,18 +429,21 @@ class NodeAssignment {
     }
   }
 
-  // Copies nodes a and b would receive if bin x (on a) and bin y (on b) traded places;
-  // share_a_ and share_b_ must hold the current shares on a and b.
+  // Copies nodes a and b would receive if bin x (on a) and bin y (on b) traded places (-1:
+  // no bin, a one-way move); share_a_ and share_b_ must hold the current shares on a and b.
   std::pair<double, double> hits_after_swap(int x, int a, int y, int b,
                                             const std::vector<int>& samples, int top_k,
                                             const std::vector<int>& count, double sample_tokens) {
     moved_to_b_.resize(count.size(), 0);  // replicas of each expert going from a to b
-    for (int slot : packing_.slots_of_gpu[x]) ++moved_to_b_[packing_.slot_expert[slot]];
-    for (int slot : packing_.slots_of_gpu[y]) --moved_to_b_[packing_.slot_expert[slot]];
+    const std::vector<int> none;
+    const auto& x_slots = x >= 0 ? packing_.slots_of_gpu[x] : none;
+    const auto& y_slots = y >= 0 ? packing_.slots_of_gpu[y] : none;
+    for (int slot : x_slots) ++moved_to_b_[packing_.slot_expert[slot]];
+    for (int slot : y_slots) --moved_to_b_[packing_.slot_expert[slot]];
     double hit_a = hit_[a], hit_b = hit_[b];
     ++current_stamp_;
-    for (int bin : {x, y}) {
-      for (int slot : packing_.slots_of_gpu[bin]) {
+    for (const auto* slots : {&x_slots, &y_slots}) {
+      for (int slot : *slots) {
         for (int s : samples_of_expert_[packing_.slot_expert[slot]]) {
           if (stamp_[s] == current_stamp_) continue;
           stamp_[s] = current_stamp_;
@@ -439,8 +461,8 @@ class NodeAssignment {
         }
       }
     }
-    for (int bin : {x, y}) {
-      for (int slot : packing_.slots_of_gpu[bin]) moved_to_b_[packing_.slot_expert[slot]] = 0;
+    for (const auto* slots : {&x_slots, &y_slots}) {
+      for (int slot : *slots) moved_to_b_[packing_.slot_expert[slot]] = 0;
     }
     return {hit_a, hit_b};
   }
