@@ -315,6 +315,9 @@ class NodeAssignment {
     nodes_ = replica_nodes(phy2log, slot_gpu, num_experts, cluster_);
     hit_ = sample_hits(samples, top_k, nodes_, count, sample_tokens, num_nodes);
     stamp_.assign(num_samples, -1);
+    seen_.assign(num_samples, -1);
+    moved_x_.assign(num_experts, 0);
+    moved_y_.assign(num_experts, 0);
 
     std::vector<int> by_hit(num_nodes);
     for (int iteration = 0; iteration < 2 * num_nodes; ++iteration) {
@@ -329,39 +332,34 @@ class NodeAssignment {
       double best_heavy_hit = 0, best_light_hit = 0;
       fill_shares(heavy, count, share_a_);
       const auto& heavy_bins = bins_of_node_[heavy];
-      // Branch and bound: a node that gains a bin never receives fewer copies, so a swap
-      // leaves each node at least the copies it has without the bin it gives away. Pairs
-      // whose bound cannot beat the best swap so far are not evaluated; the heavy node's
-      // bins go largest saving first, so the bound soon prunes most pairs.
-      std::vector<double> heavy_without(heavy_bins.size()), light_without;
-      std::vector<int> x_order(heavy_bins.size());
-      std::iota(x_order.begin(), x_order.end(), 0);
-      share_b_ = share_a_;  // a one-way move out of `heavy`: only its own side is read
-      for (size_t x = 0; x < heavy_bins.size(); ++x) {
-        heavy_without[x] =
-            hits_after_swap(heavy_bins[x], heavy, -1, heavy, samples, top_k, count, sample_tokens)
-                .first;
-      }
-      std::stable_sort(x_order.begin(), x_order.end(),
-                       [&](int a, int b) { return heavy_without[a] < heavy_without[b]; });
+      // A swap changes a node's copies by the sum of its two one-way moves' changes, except
+      // on the samples that hold experts of both bins: the one-way moves are evaluated once
+      // per light node, each pair only on those shared samples (exact, and far fewer).
+      std::vector<std::pair<double, double>> x_alone(heavy_bins.size()), y_alone;
       for (int l = 0; l < light_count; ++l) {
         const int light = by_hit[l];
         if (light == heavy) continue;
         fill_shares(light, count, share_b_);
         const auto& light_bins = bins_of_node_[light];
-        light_without.resize(light_bins.size());
-        for (size_t y = 0; y < light_bins.size(); ++y) {
-          light_without[y] =
-              hits_after_swap(-1, heavy, light_bins[y], light, samples, top_k, count, sample_tokens)
-                  .second;
+        for (size_t x = 0; x < heavy_bins.size(); ++x) {
+          x_alone[x] = hits_after_swap(heavy_bins[x], heavy, -1, light, samples, top_k, count,
+                                       sample_tokens);
         }
-        for (int x : x_order) {
-          if (heavy_without[x] >= best) break;  // sorted: no later x can do better
+        y_alone.resize(light_bins.size());
+        for (size_t y = 0; y < light_bins.size(); ++y) {
+          y_alone[y] = hits_after_swap(-1, heavy, light_bins[y], light, samples, top_k, count,
+                                       sample_tokens);
+        }
+        for (int x = 0; x < static_cast<int>(heavy_bins.size()); ++x) {
+          mark_bin(heavy_bins[x]);
           for (int y = 0; y < static_cast<int>(light_bins.size()); ++y) {
             if (capacity_[heavy_bins[x]] != capacity_[light_bins[y]]) continue;
-            if (light_without[y] >= best) continue;
-            const auto [heavy_hit, light_hit] = hits_after_swap(
-                heavy_bins[x], heavy, light_bins[y], light, samples, top_k, count, sample_tokens);
+            const auto [shared_heavy, shared_light] =
+                shared_change(light_bins[y], samples, top_k, count, sample_tokens);
+            const double heavy_hit =
+                x_alone[x].first + y_alone[y].first - hit_[heavy] + shared_heavy;
+            const double light_hit =
+                x_alone[x].second + y_alone[y].second - hit_[light] + shared_light;
             if (std::max(heavy_hit, light_hit) < best) {
               best = std::max(heavy_hit, light_hit);
               best_light = light;
@@ -370,6 +368,9 @@ class NodeAssignment {
               best_heavy_hit = heavy_hit;
               best_light_hit = light_hit;
             }
+          }
+          for (int slot : packing_.slots_of_gpu[heavy_bins[x]]) {
+            moved_x_[packing_.slot_expert[slot]] = 0;
           }
         }
       }
@@ -419,6 +420,59 @@ class NodeAssignment {
         ++it->second;
       }
     }
+  }
+
+  // Marks the samples of bin x's experts (stamp_ == x_mark_) and counts its experts in
+  // moved_x_ for shared_change.
+  void mark_bin(int x) {
+    x_mark_ = ++current_stamp_;
+    for (int slot : packing_.slots_of_gpu[x]) {
+      const int e = packing_.slot_expert[slot];
+      ++moved_x_[e];
+      for (int s : samples_of_expert_[e]) stamp_[s] = x_mark_;
+    }
+  }
+
+  // The part of swapping bin x (marked, on the node of share_a_) with bin y (on the node of
+  // share_b_) that the two one-way moves miss: over the samples holding experts of both,
+  // the swap's change minus the changes of x alone and y alone, for both nodes.
+  std::pair<double, double> shared_change(int y, const std::vector<int>& samples, int top_k,
+                                          const std::vector<int>& count, double sample_tokens) {
+    for (int slot : packing_.slots_of_gpu[y]) ++moved_y_[packing_.slot_expert[slot]];
+    ++pair_stamp_;
+    double change_a = 0, change_b = 0;
+    for (int slot : packing_.slots_of_gpu[y]) {
+      for (int s : samples_of_expert_[packing_.slot_expert[slot]]) {
+        if (stamp_[s] != x_mark_ || seen_[s] == pair_stamp_) continue;
+        seen_[s] = pair_stamp_;
+        double a0 = 1, ax = 1, ay = 1, axy = 1, b0 = 1, bx = 1, by = 1, bxy = 1;
+        double rest_a = 1, rest_b = 1;  // the factors of the experts neither bin moves
+        for (int i = 0; i < top_k; ++i) {
+          const int e = samples[s * top_k + i];
+          const double sa = share_a_[e], sb = share_b_[e];
+          if (moved_x_[e] == 0 && moved_y_[e] == 0) {
+            rest_a *= 1 - sa;
+            rest_b *= 1 - sb;
+            continue;
+          }
+          const double mx = static_cast<double>(moved_x_[e]) / count[e];
+          const double my = static_cast<double>(moved_y_[e]) / count[e];
+          a0 *= 1 - sa;
+          ax *= 1 - (sa - mx);
+          ay *= 1 - (sa + my);
+          axy *= 1 - (sa - mx + my);
+          b0 *= 1 - sb;
+          bx *= 1 - (sb + mx);
+          by *= 1 - (sb - my);
+          bxy *= 1 - (sb + mx - my);
+        }
+        // hit = tokens * (1 - miss): (a0 - axy) - (a0 - ax) - (a0 - ay).
+        change_a += sample_tokens * rest_a * (ax + ay - axy - a0);
+        change_b += sample_tokens * rest_b * (bx + by - bxy - b0);
+      }
+    }
+    for (int slot : packing_.slots_of_gpu[y]) moved_y_[packing_.slot_expert[slot]] = 0;
+    return {change_a, change_b};
   }
 
   // share[e] = share of expert e's replicas on `node`, for every expert.
@@ -479,6 +533,9 @@ class NodeAssignment {
   int current_stamp_ = 0;
   std::vector<double> share_a_, share_b_;
   std::vector<int> moved_to_b_;
+  std::vector<int> moved_x_, moved_y_;  // experts of the two bins of shared_change
+  std::vector<int> seen_;               // sample -> pair_stamp_ of its last shared_change
+  int x_mark_ = 0, pair_stamp_ = 0;
 };
 
 // Re-planning from a previous placement (see the header): keeps slots where they are and
