@@ -8,6 +8,7 @@
 #include <queue>
 #include <set>
 #include <stdexcept>
+#include <tuple>
 #include <utility>
 
 namespace moe_ep::core {
@@ -296,6 +297,7 @@ class NodeAssignment {
   void reduce_copies(const std::vector<int>& samples, int top_k, const std::vector<int>& count,
                      double sample_tokens) {
     constexpr int kLightNodes = 4;
+    constexpr double kMinGain = 1e-3;
     const int num_nodes = cluster_.num_nodes;
     const int num_experts = static_cast<int>(count.size());
     samples_of_expert_.assign(num_experts, {});
@@ -327,50 +329,74 @@ class NodeAssignment {
       std::partial_sort(
           by_hit.begin(), by_hit.begin() + light_count, by_hit.end(),
           [&](int a, int b) { return hit_[a] < hit_[b] || (hit_[a] == hit_[b] && a < b); });
-      double best = hit_[heavy] - improvement_epsilon(hit_[heavy]);
+      // A swap must save the busiest node at least kMinGain of its copies: smaller gains are
+      // below what a few thousand samples resolve, and chasing them costs most of the time
+      // at full scale (hundreds of nodes, each swap a sliver of one node's copies).
+      double best =
+          hit_[heavy] - std::max(improvement_epsilon(hit_[heavy]), kMinGain * hit_[heavy]);
       int best_light = -1, best_x = -1, best_y = -1;
       double best_heavy_hit = 0, best_light_hit = 0;
       fill_shares(heavy, count, share_a_);
       const auto& heavy_bins = bins_of_node_[heavy];
-      // A swap changes a node's copies by the sum of its two one-way moves' changes, except
-      // on the samples that hold experts of both bins: the one-way moves are evaluated once
-      // per light node, each pair only on those shared samples (exact, and far fewer).
+      // A swap changes a node's copies by the sum of its two one-way moves' changes plus a
+      // term over the samples that hold experts of both bins. That term is never negative
+      // (miss = rest * X * Y with X rising and Y falling: the swap's change exceeds the sum
+      // by rest * (X' - X) * (Y - Y') >= 0), so the sum bounds each pair from below. The
+      // one-way moves are evaluated once per light node, the pairs in the order of their
+      // bound, and only while it can beat the best swap so far: exact, and far cheaper.
       std::vector<std::pair<double, double>> x_alone(heavy_bins.size()), y_alone;
+      std::vector<std::tuple<double, int, int>> pairs;  // (bound, x, y)
       for (int l = 0; l < light_count; ++l) {
         const int light = by_hit[l];
         if (light == heavy) continue;
         fill_shares(light, count, share_b_);
         const auto& light_bins = bins_of_node_[light];
+        // Bins holding the same experts (replicas of a hot expert) move alike: once each.
         for (size_t x = 0; x < heavy_bins.size(); ++x) {
-          x_alone[x] = hits_after_swap(heavy_bins[x], heavy, -1, light, samples, top_k, count,
-                                       sample_tokens);
+          const size_t twin = first_twin(heavy_bins, x);
+          x_alone[x] = twin < x ? x_alone[twin]
+                                : hits_after_swap(heavy_bins[x], heavy, -1, light, samples, top_k,
+                                                  count, sample_tokens);
         }
         y_alone.resize(light_bins.size());
         for (size_t y = 0; y < light_bins.size(); ++y) {
-          y_alone[y] = hits_after_swap(-1, heavy, light_bins[y], light, samples, top_k, count,
-                                       sample_tokens);
+          const size_t twin = first_twin(light_bins, y);
+          y_alone[y] = twin < y ? y_alone[twin]
+                                : hits_after_swap(-1, heavy, light_bins[y], light, samples, top_k,
+                                                  count, sample_tokens);
         }
+        pairs.clear();
         for (int x = 0; x < static_cast<int>(heavy_bins.size()); ++x) {
-          mark_bin(heavy_bins[x]);
           for (int y = 0; y < static_cast<int>(light_bins.size()); ++y) {
             if (capacity_[heavy_bins[x]] != capacity_[light_bins[y]]) continue;
-            const auto [shared_heavy, shared_light] =
-                shared_change(light_bins[y], samples, top_k, count, sample_tokens);
-            const double heavy_hit =
-                x_alone[x].first + y_alone[y].first - hit_[heavy] + shared_heavy;
-            const double light_hit =
-                x_alone[x].second + y_alone[y].second - hit_[light] + shared_light;
-            if (std::max(heavy_hit, light_hit) < best) {
-              best = std::max(heavy_hit, light_hit);
-              best_light = light;
-              best_x = x;
-              best_y = y;
-              best_heavy_hit = heavy_hit;
-              best_light_hit = light_hit;
-            }
+            // An expert in both bins breaks the X * Y split: no bound, always evaluated.
+            const double bound =
+                share_expert(heavy_bins[x], light_bins[y])
+                    ? -std::numeric_limits<double>::infinity()
+                    : std::max(x_alone[x].first + y_alone[y].first - hit_[heavy],
+                               x_alone[x].second + y_alone[y].second - hit_[light]);
+            if (bound < best) pairs.emplace_back(bound, x, y);
           }
+        }
+        std::sort(pairs.begin(), pairs.end());
+        for (const auto& [bound, x, y] : pairs) {
+          if (bound >= best) break;
+          mark_bin(heavy_bins[x]);
+          const auto [shared_heavy, shared_light] =
+              shared_change(light_bins[y], samples, top_k, count, sample_tokens);
           for (int slot : packing_.slots_of_gpu[heavy_bins[x]]) {
             moved_x_[packing_.slot_expert[slot]] = 0;
+          }
+          const double heavy_hit = x_alone[x].first + y_alone[y].first - hit_[heavy] + shared_heavy;
+          const double light_hit =
+              x_alone[x].second + y_alone[y].second - hit_[light] + shared_light;
+          if (std::max(heavy_hit, light_hit) < best) {
+            best = std::max(heavy_hit, light_hit);
+            best_light = light;
+            best_x = x;
+            best_y = y;
+            best_heavy_hit = heavy_hit;
+            best_light_hit = light_hit;
           }
         }
       }
@@ -420,6 +446,32 @@ class NodeAssignment {
         ++it->second;
       }
     }
+  }
+
+  // The first of `bins` that holds the same experts as bins[i] (i itself when none does).
+  size_t first_twin(const std::vector<int>& bins, size_t i) const {
+    auto experts = [&](int bin) {
+      std::vector<int> list;
+      for (int slot : packing_.slots_of_gpu[bin]) list.push_back(packing_.slot_expert[slot]);
+      std::sort(list.begin(), list.end());
+      return list;
+    };
+    const std::vector<int> mine = experts(bins[i]);
+    for (size_t j = 0; j < i; ++j) {
+      if (packing_.slots_of_gpu[bins[j]].size() == mine.size() && experts(bins[j]) == mine) {
+        return j;
+      }
+    }
+    return i;
+  }
+
+  bool share_expert(int x, int y) const {
+    for (int a : packing_.slots_of_gpu[x]) {
+      for (int b : packing_.slots_of_gpu[y]) {
+        if (packing_.slot_expert[a] == packing_.slot_expert[b]) return true;
+      }
+    }
+    return false;
   }
 
   // Marks the samples of bin x's experts (stamp_ == x_mark_) and counts its experts in
