@@ -32,9 +32,12 @@
 //               lightest GPU, then improved by slot swaps (never worse than kGreedy); with
 //               topology_aware, the GPUs' contents are then permuted across nodes to
 //               balance node load and, with co-activation samples, improved by swaps that
-//               lower the busiest node's link load. Permuting whole GPU contents keeps the
-//               per-GPU balance exactly: among placements of equal GPU balance it
-//               searches for a low maximum link load (local search, not an optimum).
+//               lower the busiest node's copies by at least 0.1% each (a swap's effect is
+//               bounded below by its two one-way moves, so most swaps are never evaluated
+//               in full: 58 layers x 4,096 samples on 3,904 GPUs plan in under a second).
+//               Permuting whole GPU contents keeps the per-GPU balance exactly: among
+//               placements of equal GPU balance it searches for a low maximum link load
+//               (local search, not an optimum).
 //   kGreedy     the baseline of public EPLB-style balancers: same replica counts, slots
 //               packed heaviest-first into the lightest GPU, no swaps, no topology step.
 //   kSequential the seeds' layout: expert slots numbered layer by layer
