@@ -8,6 +8,8 @@ C++ header.
 
     python -m moe_ep.plan --preset seeds --out seeds.json
     python -m moe_ep.plan --preset deepseek-v3 --zipf 1.0 --out v3.json
+    python -m moe_ep.plan --preset deepseek-v3 --loads new.json --previous v3.json \
+        --max-moves 16 --out v3-next.json      # re-plan, moving few expert weights
 """
 
 from __future__ import annotations
@@ -284,6 +286,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     loads.add_argument("--loads", help="JSON file: per MoE layer, token counts per expert")
     loads.add_argument("--zipf", type=float, help="synthetic Zipf loads with this skew")
     p.add_argument("--coactivation", help="JSON file: per MoE layer, rows of top-k expert ids")
+    p.add_argument("--previous", help="a plan JSON to re-plan from (moving few experts)")
+    p.add_argument("--max-moves", type=int, default=-1, help="optional copies per layer; -1: any")
     p.add_argument("--out", default="placement.json", help="where to write the plan")
     return p.parse_args(argv)
 
@@ -316,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> Placement:
     if args.coactivation:
         with open(args.coactivation) as f:
             coactivation = json.load(f)
+    previous = Placement.load(args.previous).moe_layers if args.previous else None
     try:
         placement = plan(
             model,
@@ -326,10 +331,15 @@ def main(argv: Sequence[str] | None = None) -> Placement:
             redundant_experts=args.redundant,
             memory_reserve_bytes=args.reserve_gb * 1e9,
             topology_aware=not args.no_topology,
+            previous=previous,
+            max_moves=args.max_moves,
         )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     print(placement.summary())
+    if previous is not None:
+        moves = sum(layer.moves for layer in placement.moe_layers)
+        print(f"re-planned from {args.previous}: {moves} expert copies to migrate")
     placement.save(args.out)
     print(f"wrote {args.out}")
     return placement

@@ -112,6 +112,13 @@ def test_cli_prints_summary_and_writes_json(tmp_path, capsys):
     assert "max inter-node link load" in printed
     assert Placement.load(str(out)) == placement
     assert len(placement.layers[3].phy2log) == 5 * 64  # 256 experts + one spare slot per GPU
+    # Re-plan from it for other loads: few copies, within the budget.
+    again = tmp_path / "v3-next.json"
+    args = ["--preset", "deepseek-v3", "--gpus", "64", "--zipf", "1.5", "--out", str(again)]
+    replanned = planner.main([*args, "--previous", str(out), "--max-moves", "8"])
+    assert "expert copies to migrate" in capsys.readouterr().out
+    assert all(layer.moves <= 8 for layer in replanned.moe_layers)
+    assert Placement.load(str(again)) == replanned
 
 
 def test_replan_from_previous_moves_few_slots():
