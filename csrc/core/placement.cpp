@@ -750,54 +750,61 @@ class Replan {
   // current one: the largest load per replica never rises and the sorted loads per replica
   // fall, so this ends at the counts of a fresh plan unless the budget runs out first.
   void transfer_replicas(int limit) {
+    std::vector<char> skipped(num_experts_);
     for (;;) {
-      int a = -1, b = -1;
+      int a = -1;
       for (int e = 0; e < num_experts_; ++e) {
         if (count_[e] < max_count_ && (a < 0 || per_replica(e) > per_replica(a))) a = e;
       }
       if (a < 0) return;
-      for (int e = 0; e < num_experts_; ++e) {
-        if (e == a || count_[e] < 2) continue;
-        if (b < 0 || load_[e] / (count_[e] - 1) < load_[b] / (count_[b] - 1)) b = e;
-      }
       const double top = per_replica(a);
-      if (b < 0 || !(load_[b] / (count_[b] - 1) < top - improvement_epsilon(top))) return;
-      int gpu = -1;  // the cheapest holder of b that lacks a, then the heaviest
-      for (int g : gpus_of_expert_[b]) {
-        if (holds(g, a)) continue;
-        const int c = cost(g, a) - cost(g, b);
-        const int best = gpu < 0 ? 0 : cost(gpu, a) - cost(gpu, b);
-        if (gpu < 0 || c < best ||
-            (c == best &&
-             (gpu_load_[g] > gpu_load_[gpu] || (gpu_load_[g] == gpu_load_[gpu] && g < gpu)))) {
-          gpu = g;
+      // The donor losing least, skipping donors whose GPUs all hold a already.
+      std::fill(skipped.begin(), skipped.end(), 0);
+      int b = -1, gpu = -1;
+      for (;;) {
+        b = -1;
+        for (int e = 0; e < num_experts_; ++e) {
+          if (e == a || count_[e] < 2 || skipped[e]) continue;
+          if (b < 0 || load_[e] / (count_[e] - 1) < load_[b] / (count_[b] - 1)) b = e;
         }
+        if (b < 0 || !(load_[b] / (count_[b] - 1) < top - improvement_epsilon(top))) return;
+        gpu = cheapest_lightest_holder(b, a);
+        if (gpu >= 0) break;
+        skipped[b] = 1;
       }
-      if (gpu < 0 || moves_ + cost(gpu, a) - cost(gpu, b) > limit) return;
+      if (moves_ + cost(gpu, a) - cost(gpu, b) > limit) return;
       remove(gpu, b);
       add(gpu, a);
     }
   }
 
-  // Swaps a slot of the heaviest GPU with one of a light GPU while that lowers the heaviest
+  // The holder of b that lacks a where placing a costs fewest moves, then the lightest (it
+  // trades b's slot for a heavier one of a); -1 when every holder of b holds a.
+  int cheapest_lightest_holder(int b, int a) const {
+    int gpu = -1;
+    for (int g : gpus_of_expert_[b]) {
+      if (holds(g, a)) continue;
+      const int c = cost(g, a) - cost(g, b);
+      const int best = gpu < 0 ? 0 : cost(gpu, a) - cost(gpu, b);
+      if (gpu < 0 || c < best ||
+          (c == best &&
+           (gpu_load_[g] < gpu_load_[gpu] || (gpu_load_[g] == gpu_load_[gpu] && g < gpu)))) {
+        gpu = g;
+      }
+    }
+    return gpu;
+  }
+
+  // Swaps a slot of the heaviest GPU with one of another GPU while that lowers the heaviest
   // GPU's load: the lowest resulting maximum first, ties to the fewest moves.
   void swap_slots(int limit) {
-    constexpr int kLightGpus = 8;
-    std::vector<int> by_load(num_gpus_);
     for (int iteration = 0; iteration < 4 * num_gpus_; ++iteration) {
       const int heavy = static_cast<int>(std::max_element(gpu_load_.begin(), gpu_load_.end()) -
                                          gpu_load_.begin());
-      std::iota(by_load.begin(), by_load.end(), 0);
-      const int light_count = std::min(kLightGpus, num_gpus_);
-      std::partial_sort(
-          by_load.begin(), by_load.begin() + light_count, by_load.end(), [&](int a, int b) {
-            return gpu_load_[a] < gpu_load_[b] || (gpu_load_[a] == gpu_load_[b] && a < b);
-          });
       const double top = gpu_load_[heavy];
       double best = top - improvement_epsilon(top);
       int best_cost = 0, best_light = -1, best_x = -1, best_y = -1;
-      for (int l = 0; l < light_count; ++l) {
-        const int light = by_load[l];
+      for (int light = 0; light < num_gpus_; ++light) {
         if (light == heavy) continue;
         for (int x : experts_of_gpu_[heavy]) {
           if (holds(light, x)) continue;
