@@ -54,8 +54,9 @@
 //   2. optional changes, at most max_moves of them: a replica of the expert with the least
 //      load per replica (after the change) becomes one of the expert with the most, while
 //      that lowers the largest load per replica (the replica counts converge on those of a
-//      fresh plan); then slot swaps between the heaviest GPU and the lightest ones while each
-//      lowers the heaviest GPU's load (the best first, then the cheapest).
+//      fresh plan; the new replica takes the lightest GPU among the donor's); then slot swaps
+//      between the heaviest GPU and any other while each lowers the heaviest GPU's load (the
+//      best first, then the cheapest). Greedy: a larger budget is not always better.
 // A move is a (GPU, expert) pair the previous placement lacked: one expert's weights to
 // copy. The node step (which permutes whole GPUs) is skipped: it would move every slot.
 //
