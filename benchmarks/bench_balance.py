@@ -1,10 +1,14 @@
-"""Runtime load balancing of one expert-parallel MoELayer under Zipf-skewed routing:
+"""Runtime load balancing of one expert-parallel MoELayer under Zipf-skewed routing, and
+what re-planning costs in weight copies for a few move budgets:
 
-    imbalance   max/mean rank load of the observed window under the contiguous placement
+    phase       start: from the contiguous placement; drift: the preference is reshuffled
+                (other experts run hot) and the balancer re-plans from its own placement
+    imbalance   max/mean rank load of the observed window under the current placement
                 (before), under the re-planned one (after), and of a fresh window routed
                 after the migration (realised: the same distribution, new samples)
-    migrated    expert weight bytes that travelled (group total) and the copies, beside the
-                copies the planner's own GPU numbering would have needed (no relabelling)
+    migrated    expert copies that travelled and their MB (group total)
+    fresh plan  the imbalance and copies of a plan from scratch for the same loads (the
+                planner without the current placement: what a re-plan cost before)
     time        planning and migration, slowest rank
 
     torchrun --standalone --nproc-per-node 4 benchmarks/bench_balance.py            # CPU, Gloo
@@ -38,13 +42,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=512, help="tokens per rank and step")
     p.add_argument("--window", type=int, default=8, help="steps observed before re-planning")
     p.add_argument("--zipf", type=float, nargs="+", default=[0.5, 1.0, 1.5])
+    p.add_argument(
+        "--max-moves", type=int, nargs="+", default=[-1, 16, 8], help="budgets (-1: no limit)"
+    )
     return p.parse_args()
 
 
-def zipf_ids(steps: int, tokens: int, experts: int, top_k: int, skew: float, seed: int):
+def zipf_ids(
+    steps: int, tokens: int, experts: int, top_k: int, skew: float, seed: int, shuffle: int = 0
+):
     """Per step [tokens, top_k] distinct experts, preference 1 / rank^skew (shuffled)."""
     preference = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64) ** skew
-    preference = preference[torch.randperm(experts, generator=torch.Generator().manual_seed(0))]
+    order = torch.randperm(experts, generator=torch.Generator().manual_seed(shuffle))
+    preference = preference[order]
     g = torch.Generator().manual_seed(seed)
     return [
         torch.multinomial(preference.expand(tokens, -1), top_k, generator=g) for _ in range(steps)
@@ -55,6 +65,16 @@ def max_ms(start: float) -> float:
     elapsed = torch.tensor([(time.perf_counter() - start) * 1e3])
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     return float(elapsed)
+
+
+def fresh_plan(balancer: LoadBalancer, args: argparse.Namespace, world: int) -> ExpertPlacement:
+    """The planner's plan from scratch for the balancer's window (no current placement)."""
+    planned = plan.plan(
+        plan.Model(1, (), args.experts, args.topk, bytes_per_expert=1.0),
+        balancer.cluster,
+        loads=[balancer.expert_loads().tolist()],
+    ).layers[0]
+    return ExpertPlacement.from_plan(planned, world)
 
 
 def main() -> None:
@@ -68,48 +88,49 @@ def main() -> None:
             f"fp32, {args.tokens} tokens/rank/step, window {args.window}"
         )
         print(
-            "| zipf s | before | after | realised | slots | copies | MB moved | copies w/o "
-            "relabel | plan ms | migrate ms |"
+            "| zipf s | max_moves | phase | before | after | realised | slots | copies | "
+            "MB moved | fresh plan: after | fresh plan: copies | plan ms | migrate ms |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for skew in args.zipf:
-        layer = MoELayer(
-            args.hidden,
-            args.ffn,
-            args.experts,
-            args.topk,
-            dtype=torch.float32,
-            group=dist.group.WORLD,
-        )
-        balancer = LoadBalancer(layer, window=args.window, threshold=1.0001)
-        steps = zipf_ids(2 * args.window, args.tokens, args.experts, args.topk, skew, rank)
-        for ids in steps[: args.window]:
-            balancer.observe(ids)
-        before = balancer.imbalance()
-        start = time.perf_counter()
-        new = balancer.plan()
-        plan_ms = max_ms(start)
-        # The planner's GPU numbering as is, for the relabelling's saving.
-        planned = plan.plan(
-            plan.Model(1, (), args.experts, args.topk, bytes_per_expert=1.0),
-            balancer.cluster,
-            loads=[balancer.expert_loads().tolist()],
-        ).layers[0]
-        as_planned = migration_transfers(layer.placement, ExpertPlacement.from_plan(planned, world))
-        start = time.perf_counter()
-        migration = balancer.maybe_rebalance()
-        migrate_ms = max_ms(start)
-        assert migration is not None and layer.placement.slot_rank.equal(new.slot_rank)
-        for ids in steps[args.window :]:  # a fresh window under the new placement
-            balancer.observe(ids)
-        realised = balancer.imbalance()
-        if rank == 0:
-            print(
-                f"| {skew} | {before:.3f} | {migration.imbalance_after:.3f} | {realised:.3f} | "
-                f"{layer.placement.num_slots} | {len(migration.transfers)} | "
-                f"{migration.bytes / 1e6:.1f} | {len(as_planned)} | {plan_ms:.1f} | "
-                f"{migrate_ms:.1f} |"
+        for budget in args.max_moves:
+            layer = MoELayer(
+                args.hidden,
+                args.ffn,
+                args.experts,
+                args.topk,
+                dtype=torch.float32,
+                group=dist.group.WORLD,
             )
+            balancer = LoadBalancer(layer, window=args.window, threshold=1.0001, max_moves=budget)
+            for phase, shuffle in (("start", 0), ("drift", 1)):
+                steps = zipf_ids(
+                    2 * args.window, args.tokens, args.experts, args.topk, skew, rank, shuffle
+                )
+                for ids in steps[: args.window]:
+                    balancer.observe(ids)
+                before = balancer.imbalance()
+                start = time.perf_counter()
+                new = balancer.plan()
+                plan_ms = max_ms(start)
+                fresh = fresh_plan(balancer, args, world)
+                fresh_copies = len(migration_transfers(layer.placement, fresh))
+                fresh_after = balancer.imbalance(fresh)
+                start = time.perf_counter()
+                migration = balancer.maybe_rebalance()
+                migrate_ms = max_ms(start)
+                assert migration is not None and layer.placement.slot_rank.equal(new.slot_rank)
+                for ids in steps[args.window :]:  # a fresh window under the new placement
+                    balancer.observe(ids)
+                realised = balancer.imbalance()
+                if rank == 0:
+                    print(
+                        f"| {skew} | {budget} | {phase} | {before:.3f} | "
+                        f"{migration.imbalance_after:.3f} | {realised:.3f} | "
+                        f"{layer.placement.num_slots} | {len(migration.transfers)} | "
+                        f"{migration.bytes / 1e6:.1f} | {fresh_after:.3f} | {fresh_copies} | "
+                        f"{plan_ms:.1f} | {migrate_ms:.1f} |"
+                    )
     dist.destroy_process_group()
 
 

@@ -19,7 +19,6 @@ auxiliary-loss-free balancing), so it is off unless bias_update_rate > 0.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
 from dataclasses import dataclass
 
@@ -35,8 +34,9 @@ __all__ = ["LoadBalancer", "Migration", "migration_transfers"]
 
 @dataclass(frozen=True)
 class Migration:
-    """One re-plan: the (expert, destination rank) copies that travelled and their bytes
-    (summed over the group; a slot whose expert its new rank already held costs nothing)."""
+    """One re-plan: the (expert, destination rank) copies that travelled (the planner's
+    moves) and their bytes (summed over the group; a slot whose expert its new rank already
+    held costs nothing)."""
 
     transfers: tuple[tuple[int, int, int], ...]  # (expert, source rank, destination rank)
     bytes: int
@@ -56,8 +56,11 @@ class LoadBalancer:
             `window` steps so that the loads behind the decision are fresh.
         redundant_experts: replica slots beyond E in a new plan; -1 lets the planner fill one
             extra slot per rank (E > world) or one slot per rank (E <= world).
-        gpus_per_node: ranks per node, for the planner's topology step (default: one node).
-            Pass it for multi-node groups: the relabelling after a plan is quadratic in it.
+        max_moves: expert copies a re-plan may make beyond those a change of slot count
+            forces (-1: no limit). The planner starts from the current placement and moves
+            only slots whose move lowers the load, so fewer weights travel.
+        gpus_per_node: ranks per node (default: one node); the planner's node step only runs
+            on fresh plans, a re-plan keeps the ranks' places.
         bias_update_rate: DeepSeek-V3-style update of layer.expert_bias after each observed
             step: bias[e] -= rate * sign(load[e] - mean load), clamped to [-max_bias,
             max_bias]. It CHANGES WHICH EXPERTS ARE CHOSEN (not the weights of a choice),
@@ -73,6 +76,7 @@ class LoadBalancer:
         interval: int = 0,
         threshold: float | None = 1.25,
         redundant_experts: int = -1,
+        max_moves: int = -1,
         gpus_per_node: int | None = None,
         bias_update_rate: float = 0.0,
         max_bias: float = 0.05,
@@ -91,6 +95,8 @@ class LoadBalancer:
             raise ValueError(
                 f"gpus_per_node: must divide the group size {world}, got {gpus_per_node}"
             )
+        if max_moves < -1:
+            raise ValueError(f"max_moves: must be >= 0, or -1 (no limit), got {max_moves}")
         if bias_update_rate < 0 or max_bias < 0:
             raise ValueError(
                 f"bias_update_rate, max_bias: must be >= 0, got {bias_update_rate}, {max_bias}"
@@ -99,7 +105,7 @@ class LoadBalancer:
             raise ValueError("bias_update_rate: the layer has no expert_bias (expert_bias=True)")
         self.layer = layer
         self.window, self.interval, self.threshold = window, interval, threshold
-        self.redundant_experts = redundant_experts
+        self.redundant_experts, self.max_moves = redundant_experts, max_moves
         self.bias_update_rate, self.max_bias = bias_update_rate, max_bias
         self.cluster = plan.Cluster(
             num_nodes=world // gpus_per_node, gpus_per_node=gpus_per_node, gpu_memory_bytes=0
@@ -144,8 +150,8 @@ class LoadBalancer:
         return float(rank_loads.max()) / mean if mean > 0 else 1.0
 
     def plan(self) -> ExpertPlacement:
-        """A placement for the windowed loads (balanced policy), its ranks relabelled within
-        each node to keep as many experts where they already are as possible."""
+        """A placement for the windowed loads (balanced policy), re-planned from the layer's
+        current one: its slots stay on their ranks unless moving them lowers the load."""
         layer = self.layer
         expert_bytes = (layer.w13[0].numel() + layer.w2[0].numel()) * layer.w13.element_size()
         model = plan.Model(
@@ -155,17 +161,25 @@ class LoadBalancer:
             top_k=layer.top_k,
             bytes_per_expert=float(max(expert_bytes, 1)),
         )
+        current = layer.placement
+        previous = plan.LayerPlacement(
+            layer=0,
+            dense=False,
+            phy2log=tuple(current.phy2log.tolist()),
+            log2phy=tuple(tuple(s for s in row if s >= 0) for row in current.log2phy.tolist()),
+            replica_count=tuple(current.replica_count.tolist()),
+            gpus=tuple(current.slot_rank.tolist()),
+        )
         planned = plan.plan(
             model,
             self.cluster,
             loads=[self.expert_loads().tolist()],
             policy="balanced",
             redundant_experts=self.redundant_experts,
+            previous=[previous],
+            max_moves=self.max_moves,
         ).layers[0]
-        gpus = _keep_in_place(planned, layer.placement, self.cluster.gpus_per_node)
-        return ExpertPlacement.from_plan(
-            dataclasses.replace(planned, gpus=gpus), self.cluster.num_gpus
-        )
+        return ExpertPlacement.from_plan(planned, self.cluster.num_gpus)
 
     def maybe_rebalance(self) -> Migration | None:
         """Re-plans and migrates when the schedule or the threshold says so and the new plan
@@ -248,29 +262,3 @@ def migration_transfers(old: ExpertPlacement, new: ExpertPlacement) -> list[tupl
         for e in sorted(set(new.local_experts(r)) - set(old_local[r])):
             transfers.append((e, holders[e][r % len(holders[e])], r))
     return transfers
-
-
-def _keep_in_place(
-    planned: plan.LayerPlacement, current: ExpertPlacement, gpus_per_node: int
-) -> list[int]:
-    """The GPU of each planned slot after relabelling the planned GPUs of every node onto that
-    node's ranks so that as many planned experts as possible stay on a rank that has them.
-
-    Any permutation of GPUs within a node keeps the plan's GPU loads and its node-level
-    traffic, so only the bytes to migrate change. Greedy matching on overlap, ties to the
-    lower index: deterministic."""
-    contents: dict[int, set[int]] = {}
-    for slot, gpu in enumerate(planned.gpus):
-        contents.setdefault(gpu, set()).add(planned.phy2log[slot])
-    held = [set(current.local_experts(r)) for r in range(current.world_size)]
-    relabel = {}
-    for node in range(current.world_size // gpus_per_node):
-        ranks = range(node * gpus_per_node, (node + 1) * gpus_per_node)
-        pairs = sorted((-len(contents.get(g, set()) & held[r]), g, r) for g in ranks for r in ranks)
-        taken_gpu, taken_rank = set(), set()
-        for _, g, r in pairs:
-            if g not in taken_gpu and r not in taken_rank:
-                relabel[g] = r
-                taken_gpu.add(g)
-                taken_rank.add(r)
-    return [relabel[g] for g in planned.gpus]

@@ -8,6 +8,8 @@ C++ header.
 
     python -m moe_ep.plan --preset seeds --out seeds.json
     python -m moe_ep.plan --preset deepseek-v3 --zipf 1.0 --out v3.json
+    python -m moe_ep.plan --preset deepseek-v3 --loads new.json --previous v3.json \
+        --max-moves 16 --out v3-next.json      # re-plan, moving few expert weights
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class LayerPlacement:
     replica_count: tuple[int, ...]
     gpus: tuple[int, ...]  # MoE: GPU of each slot; dense: GPUs that hold the layer
     metrics: LayerMetrics = field(default_factory=LayerMetrics)
+    moves: int = 0  # re-planned: (GPU, expert) pairs the previous placement lacked
 
     def padded_log2phy(self) -> list[list[int]]:
         """log2phy as a rectangle padded with -1 (the shape a dispatch kernel indexes)."""
@@ -184,6 +187,7 @@ def _layer_from_dict(d: dict) -> LayerPlacement:
         replica_count=tuple(d["replica_count"]),
         gpus=tuple(d["gpus"]),
         metrics=LayerMetrics(**d["metrics"]),
+        moves=d.get("moves", 0),
     )
 
 
@@ -196,31 +200,43 @@ def plan(
     redundant_experts: int = -1,
     memory_reserve_bytes: float = 0.0,
     topology_aware: bool = True,
+    previous: Sequence[LayerPlacement] | None = None,
+    max_moves: int = -1,
 ) -> Placement:
     """Plans every layer. ``loads[i]`` holds the token counts of the experts of the i-th MoE
     layer; ``coactivation[i]`` holds samples of the top-k experts one token chose (rows of
-    ``model.top_k`` ids). Both are optional (uniform loads when absent). Raises ValueError
-    naming the bad field."""
+    ``model.top_k`` ids). Both are optional (uniform loads when absent).
+
+    Re-planning: ``previous[i]`` is the current placement of the i-th MoE layer (its
+    ``gpus`` and ``phy2log`` are read); the planner keeps its slots where they are and moves
+    only what lowers the load, at most ``max_moves`` optional (GPU, expert) copies per layer
+    beyond those a change of slot count forces (-1: no limit); each layer's ``moves`` counts
+    the copies. Raises ValueError naming the bad field."""
     if policy not in POLICIES:
         raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
     num_moe = len(model.moe_layers)
     stats: list[dict] = []
-    if loads is not None or coactivation is not None:
-        for name, given in (("loads", loads), ("coactivation", coactivation)):
-            if given is not None and len(given) != num_moe:
-                raise ValueError(f"{name}: expected {num_moe} MoE layers, got {len(given)}")
+    given = {"loads": loads, "coactivation": coactivation, "previous": previous}
+    if any(value is not None for value in given.values()):
+        for name, value in given.items():
+            if value is not None and len(value) != num_moe:
+                raise ValueError(f"{name}: expected {num_moe} MoE layers, got {len(value)}")
         for i in range(num_moe):
             entry = {}
             if loads is not None:
                 entry["expert_load"] = [float(x) for x in loads[i]]
             if coactivation is not None:
                 entry["coactivation"] = [int(e) for row in coactivation[i] for e in row]
+            if previous is not None:
+                entry["previous_gpus"] = [int(g) for g in previous[i].gpus]
+                entry["previous_phy2log"] = [int(e) for e in previous[i].phy2log]
             stats.append(entry)
     options = {
         "policy": policy,
         "redundant_experts": redundant_experts,
         "memory_reserve_bytes": memory_reserve_bytes,
         "topology_aware": topology_aware,
+        "max_moves": max_moves,
     }
     model_dict = {**dataclasses.asdict(model), "dense_layers": list(model.dense_layers)}
     raw = _C.plan_placement(model_dict, dataclasses.asdict(cluster), stats, options)
@@ -270,6 +286,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     loads.add_argument("--loads", help="JSON file: per MoE layer, token counts per expert")
     loads.add_argument("--zipf", type=float, help="synthetic Zipf loads with this skew")
     p.add_argument("--coactivation", help="JSON file: per MoE layer, rows of top-k expert ids")
+    p.add_argument("--previous", help="a plan JSON to re-plan from (moving few experts)")
+    p.add_argument("--max-moves", type=int, default=-1, help="optional copies per layer; -1: any")
     p.add_argument("--out", default="placement.json", help="where to write the plan")
     return p.parse_args(argv)
 
@@ -302,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> Placement:
     if args.coactivation:
         with open(args.coactivation) as f:
             coactivation = json.load(f)
+    previous = Placement.load(args.previous).moe_layers if args.previous else None
     try:
         placement = plan(
             model,
@@ -312,10 +331,15 @@ def main(argv: Sequence[str] | None = None) -> Placement:
             redundant_experts=args.redundant,
             memory_reserve_bytes=args.reserve_gb * 1e9,
             topology_aware=not args.no_topology,
+            previous=previous,
+            max_moves=args.max_moves,
         )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     print(placement.summary())
+    if previous is not None:
+        moves = sum(layer.moves for layer in placement.moe_layers)
+        print(f"re-planned from {args.previous}: {moves} expert copies to migrate")
     placement.save(args.out)
     print(f"wrote {args.out}")
     return placement

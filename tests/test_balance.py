@@ -117,6 +117,7 @@ def test_balancer_rejects_bad_configuration(world_of_one):
         ({"threshold": 0.5}, "threshold"),
         ({"window": 0}, "window"),
         ({"interval": -1}, "interval"),
+        ({"max_moves": -2}, "max_moves"),
         ({"gpus_per_node": 3}, "gpus_per_node"),
         ({"bias_update_rate": 0.1}, "bias_update_rate"),  # the layer has no expert_bias
     ):

@@ -112,3 +112,54 @@ def test_cli_prints_summary_and_writes_json(tmp_path, capsys):
     assert "max inter-node link load" in printed
     assert Placement.load(str(out)) == placement
     assert len(placement.layers[3].phy2log) == 5 * 64  # 256 experts + one spare slot per GPU
+    # Re-plan from it for other loads: few copies, within the budget.
+    again = tmp_path / "v3-next.json"
+    args = ["--preset", "deepseek-v3", "--gpus", "64", "--zipf", "1.5", "--out", str(again)]
+    replanned = planner.main([*args, "--previous", str(out), "--max-moves", "8"])
+    assert "expert copies to migrate" in capsys.readouterr().out
+    assert all(layer.moves <= 8 for layer in replanned.moe_layers)
+    assert Placement.load(str(again)) == replanned
+
+
+def test_replan_from_previous_moves_few_slots():
+    model, cluster = small(2, 64), Cluster(num_nodes=1)
+    loads = planner.zipf_loads(2, 64, 1.2)
+    before = planner.plan(model, cluster, loads=loads)
+    same = planner.plan(model, cluster, loads=loads, previous=before.moe_layers)
+    assert [layer.moves for layer in same.moe_layers] == [0, 0]
+    assert [layer.gpus for layer in same.moe_layers] == [layer.gpus for layer in before.moe_layers]
+    drifted = planner.zipf_loads(2, 64, 1.2, seed=5)
+    fresh = planner.plan(model, cluster, loads=drifted)
+    for budget in (0, 6, -1):
+        after = planner.plan(
+            model, cluster, loads=drifted, previous=before.moe_layers, max_moves=budget
+        )
+        assert after == planner.plan(
+            model, cluster, loads=drifted, previous=before.moe_layers, max_moves=budget
+        )
+        for old, new, ref in zip(
+            before.moe_layers, after.moe_layers, fresh.moe_layers, strict=True
+        ):
+            copies = set(zip(new.gpus, new.phy2log, strict=True)) - set(
+                zip(old.gpus, old.phy2log, strict=True)
+            )
+            assert new.moves == len(copies) <= (budget if budget >= 0 else len(new.gpus))
+            assert sum(new.replica_count) == len(new.phy2log) == len(ref.phy2log)
+            if budget == -1:
+                assert new.metrics.max_gpu_load <= ref.metrics.max_gpu_load * 1.02
+    assert Placement.from_json(after.to_json()) == after
+
+
+def test_replan_rejects_bad_previous_placements():
+    model, cluster = small(1, 8), Cluster(num_nodes=1, gpus_per_node=4)
+    before = planner.plan(model, cluster).moe_layers
+    with pytest.raises(ValueError, match="previous"):
+        planner.plan(model, cluster, previous=before * 2)
+    bad = dataclasses.replace(before[0], gpus=(4,) + before[0].gpus[1:])
+    with pytest.raises(ValueError, match=r"stats\[0\].previous_gpus"):
+        planner.plan(model, cluster, previous=[bad])
+    bad = dataclasses.replace(before[0], phy2log=(8,) + before[0].phy2log[1:])
+    with pytest.raises(ValueError, match=r"stats\[0\].previous_phy2log"):
+        planner.plan(model, cluster, previous=[bad])
+    with pytest.raises(ValueError, match="max_moves"):
+        planner.plan(model, cluster, previous=before, max_moves=-2)

@@ -57,6 +57,7 @@ core::PlanOptions to_options(const py::dict& d) {
   o.redundant_experts = field(d, "redundant_experts", o.redundant_experts);
   o.memory_reserve_bytes = field(d, "memory_reserve_bytes", o.memory_reserve_bytes);
   o.topology_aware = field(d, "topology_aware", o.topology_aware);
+  o.max_moves = field(d, "max_moves", o.max_moves);
   return o;
 }
 
@@ -67,6 +68,8 @@ std::vector<core::LayerStats> to_stats(const py::list& list) {
     core::LayerStats s;
     s.expert_load = field(d, "expert_load", s.expert_load);
     s.coactivation = field(d, "coactivation", s.coactivation);
+    s.previous_gpus = field(d, "previous_gpus", s.previous_gpus);
+    s.previous_phy2log = field(d, "previous_phy2log", s.previous_phy2log);
     stats.push_back(std::move(s));
   }
   return stats;
@@ -91,6 +94,7 @@ py::dict to_dict(const core::Placement& plan) {
     d["log2phy"] = layer.log2phy;
     d["replica_count"] = layer.replica_count;
     d["gpus"] = layer.gpus;
+    d["moves"] = layer.moves;
     d["metrics"] = to_dict(layer.metrics);
     layers.append(d);
   }

@@ -8,6 +8,7 @@
 #include <queue>
 #include <set>
 #include <stdexcept>
+#include <tuple>
 #include <utility>
 
 namespace moe_ep::core {
@@ -210,24 +211,20 @@ std::vector<double> sample_hits(const std::vector<int>& samples, int top_k,
                                 const ReplicaNodes& nodes, const std::vector<int>& count,
                                 double tokens_per_sample, int num_nodes) {
   std::vector<double> hit(num_nodes, 0.0);
-  std::vector<std::pair<int, double>> factors;  // (node, 1 - share) of every replica node
+  std::vector<double> miss(num_nodes, 1.0);  // per node, reset after every sample
+  std::vector<int> touched;
   for (size_t start = 0; start < samples.size(); start += top_k) {
-    factors.clear();
+    touched.clear();
     for (int i = 0; i < top_k; ++i) {
       const int e = samples[start + i];
       for (const auto& [n, replicas] : nodes[e]) {
-        factors.emplace_back(n, 1.0 - static_cast<double>(replicas) / count[e]);
+        if (miss[n] == 1.0) touched.push_back(n);
+        miss[n] *= 1.0 - static_cast<double>(replicas) / count[e];
       }
     }
-    std::sort(factors.begin(), factors.end());
-    for (size_t i = 0; i < factors.size();) {
-      double miss = 1.0;
-      size_t j = i;
-      for (; j < factors.size() && factors[j].first == factors[i].first; ++j) {
-        miss *= factors[j].second;
-      }
-      hit[factors[i].first] += tokens_per_sample * (1.0 - miss);
-      i = j;
+    for (int n : touched) {
+      hit[n] += tokens_per_sample * (1.0 - miss[n]);
+      miss[n] = 1.0;
     }
   }
   return hit;
@@ -300,6 +297,7 @@ class NodeAssignment {
   void reduce_copies(const std::vector<int>& samples, int top_k, const std::vector<int>& count,
                      double sample_tokens) {
     constexpr int kLightNodes = 4;
+    constexpr double kMinGain = 1e-3;
     const int num_nodes = cluster_.num_nodes;
     const int num_experts = static_cast<int>(count.size());
     samples_of_expert_.assign(num_experts, {});
@@ -319,6 +317,9 @@ class NodeAssignment {
     nodes_ = replica_nodes(phy2log, slot_gpu, num_experts, cluster_);
     hit_ = sample_hits(samples, top_k, nodes_, count, sample_tokens, num_nodes);
     stamp_.assign(num_samples, -1);
+    seen_.assign(num_samples, -1);
+    moved_x_.assign(num_experts, 0);
+    moved_y_.assign(num_experts, 0);
 
     std::vector<int> by_hit(num_nodes);
     for (int iteration = 0; iteration < 2 * num_nodes; ++iteration) {
@@ -328,29 +329,74 @@ class NodeAssignment {
       std::partial_sort(
           by_hit.begin(), by_hit.begin() + light_count, by_hit.end(),
           [&](int a, int b) { return hit_[a] < hit_[b] || (hit_[a] == hit_[b] && a < b); });
-      double best = hit_[heavy] - improvement_epsilon(hit_[heavy]);
+      // A swap must save the busiest node at least kMinGain of its copies: smaller gains are
+      // below what a few thousand samples resolve, and chasing them costs most of the time
+      // at full scale (hundreds of nodes, each swap a sliver of one node's copies).
+      double best =
+          hit_[heavy] - std::max(improvement_epsilon(hit_[heavy]), kMinGain * hit_[heavy]);
       int best_light = -1, best_x = -1, best_y = -1;
       double best_heavy_hit = 0, best_light_hit = 0;
       fill_shares(heavy, count, share_a_);
+      const auto& heavy_bins = bins_of_node_[heavy];
+      // A swap changes a node's copies by the sum of its two one-way moves' changes plus a
+      // term over the samples that hold experts of both bins. That term is never negative
+      // (miss = rest * X * Y with X rising and Y falling: the swap's change exceeds the sum
+      // by rest * (X' - X) * (Y - Y') >= 0), so the sum bounds each pair from below. The
+      // one-way moves are evaluated once per light node, the pairs in the order of their
+      // bound, and only while it can beat the best swap so far: exact, and far cheaper.
+      std::vector<std::pair<double, double>> x_alone(heavy_bins.size()), y_alone;
+      std::vector<std::tuple<double, int, int>> pairs;  // (bound, x, y)
       for (int l = 0; l < light_count; ++l) {
         const int light = by_hit[l];
         if (light == heavy) continue;
         fill_shares(light, count, share_b_);
-        const auto& heavy_bins = bins_of_node_[heavy];
         const auto& light_bins = bins_of_node_[light];
+        // Bins holding the same experts (replicas of a hot expert) move alike: once each.
+        for (size_t x = 0; x < heavy_bins.size(); ++x) {
+          const size_t twin = first_twin(heavy_bins, x);
+          x_alone[x] = twin < x ? x_alone[twin]
+                                : hits_after_swap(heavy_bins[x], heavy, -1, light, samples, top_k,
+                                                  count, sample_tokens);
+        }
+        y_alone.resize(light_bins.size());
+        for (size_t y = 0; y < light_bins.size(); ++y) {
+          const size_t twin = first_twin(light_bins, y);
+          y_alone[y] = twin < y ? y_alone[twin]
+                                : hits_after_swap(-1, heavy, light_bins[y], light, samples, top_k,
+                                                  count, sample_tokens);
+        }
+        pairs.clear();
         for (int x = 0; x < static_cast<int>(heavy_bins.size()); ++x) {
           for (int y = 0; y < static_cast<int>(light_bins.size()); ++y) {
             if (capacity_[heavy_bins[x]] != capacity_[light_bins[y]]) continue;
-            const auto [heavy_hit, light_hit] = hits_after_swap(
-                heavy_bins[x], heavy, light_bins[y], light, samples, top_k, count, sample_tokens);
-            if (std::max(heavy_hit, light_hit) < best) {
-              best = std::max(heavy_hit, light_hit);
-              best_light = light;
-              best_x = x;
-              best_y = y;
-              best_heavy_hit = heavy_hit;
-              best_light_hit = light_hit;
-            }
+            // An expert in both bins breaks the X * Y split: no bound, always evaluated.
+            const double bound =
+                share_expert(heavy_bins[x], light_bins[y])
+                    ? -std::numeric_limits<double>::infinity()
+                    : std::max(x_alone[x].first + y_alone[y].first - hit_[heavy],
+                               x_alone[x].second + y_alone[y].second - hit_[light]);
+            if (bound < best) pairs.emplace_back(bound, x, y);
+          }
+        }
+        std::sort(pairs.begin(), pairs.end());
+        for (const auto& [bound, x, y] : pairs) {
+          if (bound >= best) break;
+          mark_bin(heavy_bins[x]);
+          const auto [shared_heavy, shared_light] =
+              shared_change(light_bins[y], samples, top_k, count, sample_tokens);
+          for (int slot : packing_.slots_of_gpu[heavy_bins[x]]) {
+            moved_x_[packing_.slot_expert[slot]] = 0;
+          }
+          const double heavy_hit = x_alone[x].first + y_alone[y].first - hit_[heavy] + shared_heavy;
+          const double light_hit =
+              x_alone[x].second + y_alone[y].second - hit_[light] + shared_light;
+          if (std::max(heavy_hit, light_hit) < best) {
+            best = std::max(heavy_hit, light_hit);
+            best_light = light;
+            best_x = x;
+            best_y = y;
+            best_heavy_hit = heavy_hit;
+            best_light_hit = light_hit;
           }
         }
       }
@@ -402,6 +448,85 @@ class NodeAssignment {
     }
   }
 
+  // The first of `bins` that holds the same experts as bins[i] (i itself when none does).
+  size_t first_twin(const std::vector<int>& bins, size_t i) const {
+    auto experts = [&](int bin) {
+      std::vector<int> list;
+      for (int slot : packing_.slots_of_gpu[bin]) list.push_back(packing_.slot_expert[slot]);
+      std::sort(list.begin(), list.end());
+      return list;
+    };
+    const std::vector<int> mine = experts(bins[i]);
+    for (size_t j = 0; j < i; ++j) {
+      if (packing_.slots_of_gpu[bins[j]].size() == mine.size() && experts(bins[j]) == mine) {
+        return j;
+      }
+    }
+    return i;
+  }
+
+  bool share_expert(int x, int y) const {
+    for (int a : packing_.slots_of_gpu[x]) {
+      for (int b : packing_.slots_of_gpu[y]) {
+        if (packing_.slot_expert[a] == packing_.slot_expert[b]) return true;
+      }
+    }
+    return false;
+  }
+
+  // Marks the samples of bin x's experts (stamp_ == x_mark_) and counts its experts in
+  // moved_x_ for shared_change.
+  void mark_bin(int x) {
+    x_mark_ = ++current_stamp_;
+    for (int slot : packing_.slots_of_gpu[x]) {
+      const int e = packing_.slot_expert[slot];
+      ++moved_x_[e];
+      for (int s : samples_of_expert_[e]) stamp_[s] = x_mark_;
+    }
+  }
+
+  // The part of swapping bin x (marked, on the node of share_a_) with bin y (on the node of
+  // share_b_) that the two one-way moves miss: over the samples holding experts of both,
+  // the swap's change minus the changes of x alone and y alone, for both nodes.
+  std::pair<double, double> shared_change(int y, const std::vector<int>& samples, int top_k,
+                                          const std::vector<int>& count, double sample_tokens) {
+    for (int slot : packing_.slots_of_gpu[y]) ++moved_y_[packing_.slot_expert[slot]];
+    ++pair_stamp_;
+    double change_a = 0, change_b = 0;
+    for (int slot : packing_.slots_of_gpu[y]) {
+      for (int s : samples_of_expert_[packing_.slot_expert[slot]]) {
+        if (stamp_[s] != x_mark_ || seen_[s] == pair_stamp_) continue;
+        seen_[s] = pair_stamp_;
+        double a0 = 1, ax = 1, ay = 1, axy = 1, b0 = 1, bx = 1, by = 1, bxy = 1;
+        double rest_a = 1, rest_b = 1;  // the factors of the experts neither bin moves
+        for (int i = 0; i < top_k; ++i) {
+          const int e = samples[s * top_k + i];
+          const double sa = share_a_[e], sb = share_b_[e];
+          if (moved_x_[e] == 0 && moved_y_[e] == 0) {
+            rest_a *= 1 - sa;
+            rest_b *= 1 - sb;
+            continue;
+          }
+          const double mx = static_cast<double>(moved_x_[e]) / count[e];
+          const double my = static_cast<double>(moved_y_[e]) / count[e];
+          a0 *= 1 - sa;
+          ax *= 1 - (sa - mx);
+          ay *= 1 - (sa + my);
+          axy *= 1 - (sa - mx + my);
+          b0 *= 1 - sb;
+          bx *= 1 - (sb + mx);
+          by *= 1 - (sb - my);
+          bxy *= 1 - (sb + mx - my);
+        }
+        // hit = tokens * (1 - miss): (a0 - axy) - (a0 - ax) - (a0 - ay).
+        change_a += sample_tokens * rest_a * (ax + ay - axy - a0);
+        change_b += sample_tokens * rest_b * (bx + by - bxy - b0);
+      }
+    }
+    for (int slot : packing_.slots_of_gpu[y]) moved_y_[packing_.slot_expert[slot]] = 0;
+    return {change_a, change_b};
+  }
+
   // share[e] = share of expert e's replicas on `node`, for every expert.
   void fill_shares(int node, const std::vector<int>& count, std::vector<double>& share) const {
     share.resize(count.size());
@@ -410,18 +535,21 @@ class NodeAssignment {
     }
   }
 
-  // Copies nodes a and b would receive if bin x (on a) and bin y (on b) traded places;
-  // share_a_ and share_b_ must hold the current shares on a and b.
+  // Copies nodes a and b would receive if bin x (on a) and bin y (on b) traded places (-1:
+  // no bin, a one-way move); share_a_ and share_b_ must hold the current shares on a and b.
   std::pair<double, double> hits_after_swap(int x, int a, int y, int b,
                                             const std::vector<int>& samples, int top_k,
                                             const std::vector<int>& count, double sample_tokens) {
     moved_to_b_.resize(count.size(), 0);  // replicas of each expert going from a to b
-    for (int slot : packing_.slots_of_gpu[x]) ++moved_to_b_[packing_.slot_expert[slot]];
-    for (int slot : packing_.slots_of_gpu[y]) --moved_to_b_[packing_.slot_expert[slot]];
+    const std::vector<int> none;
+    const auto& x_slots = x >= 0 ? packing_.slots_of_gpu[x] : none;
+    const auto& y_slots = y >= 0 ? packing_.slots_of_gpu[y] : none;
+    for (int slot : x_slots) ++moved_to_b_[packing_.slot_expert[slot]];
+    for (int slot : y_slots) --moved_to_b_[packing_.slot_expert[slot]];
     double hit_a = hit_[a], hit_b = hit_[b];
     ++current_stamp_;
-    for (int bin : {x, y}) {
-      for (int slot : packing_.slots_of_gpu[bin]) {
+    for (const auto* slots : {&x_slots, &y_slots}) {
+      for (int slot : *slots) {
         for (int s : samples_of_expert_[packing_.slot_expert[slot]]) {
           if (stamp_[s] == current_stamp_) continue;
           stamp_[s] = current_stamp_;
@@ -439,8 +567,8 @@ class NodeAssignment {
         }
       }
     }
-    for (int bin : {x, y}) {
-      for (int slot : packing_.slots_of_gpu[bin]) moved_to_b_[packing_.slot_expert[slot]] = 0;
+    for (const auto* slots : {&x_slots, &y_slots}) {
+      for (int slot : *slots) moved_to_b_[packing_.slot_expert[slot]] = 0;
     }
     return {hit_a, hit_b};
   }
@@ -457,7 +585,274 @@ class NodeAssignment {
   int current_stamp_ = 0;
   std::vector<double> share_a_, share_b_;
   std::vector<int> moved_to_b_;
+  std::vector<int> moved_x_, moved_y_;  // experts of the two bins of shared_change
+  std::vector<int> seen_;               // sample -> pair_stamp_ of its last shared_change
+  int x_mark_ = 0, pair_stamp_ = 0;
 };
+
+// Re-planning from a previous placement (see the header): keeps slots where they are and
+// changes as few as possible. Works on (GPU, expert) pairs; a move is a pair the previous
+// placement lacked.
+class Replan {
+ public:
+  Replan(const LayerStats& stats, const std::vector<double>& load, const std::vector<int>& capacity,
+         int max_count)
+      : load_(load),
+        capacity_(capacity),
+        num_experts_(static_cast<int>(load.size())),
+        num_gpus_(static_cast<int>(capacity.size())),
+        max_count_(max_count),
+        count_(num_experts_, 0),
+        experts_of_gpu_(num_gpus_),
+        gpus_of_expert_(num_experts_),
+        gpu_load_(num_gpus_, 0.0),
+        previous_(static_cast<size_t>(num_gpus_) * num_experts_, 0) {
+    for (size_t s = 0; s < stats.previous_gpus.size(); ++s) {
+      const int g = stats.previous_gpus[s], e = stats.previous_phy2log[s];
+      previous_[index(g, e)] = 1;
+      experts_of_gpu_[g].push_back(e);
+      gpus_of_expert_[e].push_back(g);
+      ++count_[e];
+    }
+    for (int g = 0; g < num_gpus_; ++g) refresh_gpu(g);
+  }
+
+  // Step 1: drops replicas beyond `slots`, sheds the slots of GPUs over capacity and fills
+  // every GPU's room. Returns the moves this forced.
+  int take_previous(int64_t slots) {
+    while (total_slots() > slots) {  // free: fewest load lost per replica first
+      int expert = -1;
+      for (int e = 0; e < num_experts_; ++e) {
+        if (count_[e] > 1 &&
+            (expert < 0 || load_[e] / (count_[e] - 1) < load_[expert] / (count_[expert] - 1))) {
+          expert = e;
+        }
+      }
+      remove(heaviest_holder(expert, -1, true), expert);
+    }
+    for (int g = 0; g < num_gpus_; ++g) {
+      while (static_cast<int>(experts_of_gpu_[g].size()) > capacity_[g]) {
+        const auto& held = experts_of_gpu_[g];
+        remove(g, *std::max_element(held.begin(), held.end(), [&](int a, int b) {
+                 return per_replica(a) < per_replica(b) ||
+                        (per_replica(a) == per_replica(b) && a > b);
+               }));
+      }
+    }
+    while (total_slots() < slots) {
+      int expert = static_cast<int>(std::find(count_.begin(), count_.end(), 0) - count_.begin());
+      if (expert == num_experts_) {  // every expert has a slot: the most loaded per replica
+        expert = -1;
+        for (int e = 0; e < num_experts_; ++e) {
+          if (count_[e] < max_count_ && (expert < 0 || per_replica(e) > per_replica(expert))) {
+            expert = e;
+          }
+        }
+      }
+      if (expert < 0) throw std::logic_error("placement: no expert can take another replica");
+      add_to_lightest(expert);
+    }
+    return moves_;
+  }
+
+  // Step 2: optional moves while they lower the maximum, at most `budget` (-1: no limit).
+  void improve(int budget, int forced) {
+    const int limit = budget < 0 ? std::numeric_limits<int>::max() : forced + budget;
+    transfer_replicas(limit);
+    swap_slots(limit);
+  }
+
+  int moves() const { return moves_; }
+  const std::vector<int>& count() const { return count_; }
+  const std::vector<std::vector<int>>& experts_of_gpu() const { return experts_of_gpu_; }
+
+ private:
+  size_t index(int g, int e) const { return static_cast<size_t>(g) * num_experts_ + e; }
+  double per_replica(int e) const { return count_[e] ? load_[e] / count_[e] : load_[e]; }
+  int64_t total_slots() const { return std::accumulate(count_.begin(), count_.end(), int64_t{0}); }
+  bool holds(int g, int e) const {
+    const auto& held = experts_of_gpu_[g];
+    return std::find(held.begin(), held.end(), e) != held.end();
+  }
+  // The move-count change of placing (+1) or removing (-1) expert e on GPU g.
+  int cost(int g, int e) const { return previous_[index(g, e)] ? 0 : 1; }
+
+  void refresh_gpu(int g) {
+    double sum = 0.0;
+    for (int e : experts_of_gpu_[g]) sum += per_replica(e);
+    gpu_load_[g] = sum;
+  }
+  void refresh_expert(int e) {
+    for (int g : gpus_of_expert_[e]) refresh_gpu(g);
+  }
+  void add(int g, int e) {
+    experts_of_gpu_[g].push_back(e);
+    gpus_of_expert_[e].push_back(g);
+    ++count_[e];
+    moves_ += cost(g, e);
+    refresh_expert(e);
+  }
+  void remove(int g, int e) {
+    auto& held = experts_of_gpu_[g];
+    held.erase(std::find(held.begin(), held.end(), e));
+    auto& hosts = gpus_of_expert_[e];
+    hosts.erase(std::find(hosts.begin(), hosts.end(), g));
+    --count_[e];
+    moves_ -= cost(g, e);
+    refresh_gpu(g);
+    refresh_expert(e);
+  }
+  bool has_room(int g) const { return static_cast<int>(experts_of_gpu_[g].size()) < capacity_[g]; }
+
+  // The holder of e with the highest load (over capacity first when asked), not holding
+  // `avoid`; ties to the lower GPU. -1 when none.
+  int heaviest_holder(int e, int avoid, bool over_capacity_first) const {
+    int best = -1;
+    auto key = [&](int g) {
+      const bool over =
+          over_capacity_first && static_cast<int>(experts_of_gpu_[g].size()) > capacity_[g];
+      return std::make_pair(over, gpu_load_[g]);
+    };
+    for (int g : gpus_of_expert_[e]) {
+      if (avoid >= 0 && holds(g, avoid)) continue;
+      if (best < 0 || key(g) > key(best) || (key(g) == key(best) && g < best)) best = g;
+    }
+    return best;
+  }
+
+  // A new slot of e on the lightest GPU with room that lacks e; when every GPU with room
+  // holds e, a slot of a full GPU moves into the room first and e takes its place.
+  void add_to_lightest(int e) {
+    int target = -1;
+    for (int g = 0; g < num_gpus_; ++g) {
+      if (has_room(g) && !holds(g, e) && (target < 0 || gpu_load_[g] < gpu_load_[target])) {
+        target = g;
+      }
+    }
+    if (target >= 0) return add(target, e);
+    for (int room = 0; room < num_gpus_; ++room) {
+      if (!has_room(room)) continue;
+      for (int full = 0; full < num_gpus_; ++full) {
+        if (has_room(full) || capacity_[full] == 0 || holds(full, e)) continue;
+        for (int moved : experts_of_gpu_[full]) {
+          if (holds(room, moved)) continue;
+          remove(full, moved);
+          add(room, moved);
+          return add(full, e);
+        }
+      }
+    }
+    throw std::logic_error("placement: no GPU can take another replica");
+  }
+
+  // A replica of B (the least load per replica after losing one) becomes one of A (the
+  // most load per replica) on the same GPU, while B's new load per replica stays below A's
+  // current one: the largest load per replica never rises and the sorted loads per replica
+  // fall, so this ends at the counts of a fresh plan unless the budget runs out first.
+  void transfer_replicas(int limit) {
+    std::vector<char> skipped(num_experts_);
+    for (;;) {
+      int a = -1;
+      for (int e = 0; e < num_experts_; ++e) {
+        if (count_[e] < max_count_ && (a < 0 || per_replica(e) > per_replica(a))) a = e;
+      }
+      if (a < 0) return;
+      const double top = per_replica(a);
+      // The donor losing least, skipping donors whose GPUs all hold a already.
+      std::fill(skipped.begin(), skipped.end(), 0);
+      int b = -1, gpu = -1;
+      for (;;) {
+        b = -1;
+        for (int e = 0; e < num_experts_; ++e) {
+          if (e == a || count_[e] < 2 || skipped[e]) continue;
+          if (b < 0 || load_[e] / (count_[e] - 1) < load_[b] / (count_[b] - 1)) b = e;
+        }
+        if (b < 0 || !(load_[b] / (count_[b] - 1) < top - improvement_epsilon(top))) return;
+        gpu = cheapest_lightest_holder(b, a);
+        if (gpu >= 0) break;
+        skipped[b] = 1;
+      }
+      if (moves_ + cost(gpu, a) - cost(gpu, b) > limit) return;
+      remove(gpu, b);
+      add(gpu, a);
+    }
+  }
+
+  // The holder of b that lacks a where placing a costs fewest moves, then the lightest (it
+  // trades b's slot for a heavier one of a); -1 when every holder of b holds a.
+  int cheapest_lightest_holder(int b, int a) const {
+    int gpu = -1;
+    for (int g : gpus_of_expert_[b]) {
+      if (holds(g, a)) continue;
+      const int c = cost(g, a) - cost(g, b);
+      const int best = gpu < 0 ? 0 : cost(gpu, a) - cost(gpu, b);
+      if (gpu < 0 || c < best ||
+          (c == best &&
+           (gpu_load_[g] < gpu_load_[gpu] || (gpu_load_[g] == gpu_load_[gpu] && g < gpu)))) {
+        gpu = g;
+      }
+    }
+    return gpu;
+  }
+
+  // Swaps a slot of the heaviest GPU with one of another GPU while that lowers the heaviest
+  // GPU's load: the lowest resulting maximum first, ties to the fewest moves.
+  void swap_slots(int limit) {
+    for (int iteration = 0; iteration < 4 * num_gpus_; ++iteration) {
+      const int heavy = static_cast<int>(std::max_element(gpu_load_.begin(), gpu_load_.end()) -
+                                         gpu_load_.begin());
+      const double top = gpu_load_[heavy];
+      double best = top - improvement_epsilon(top);
+      int best_cost = 0, best_light = -1, best_x = -1, best_y = -1;
+      for (int light = 0; light < num_gpus_; ++light) {
+        if (light == heavy) continue;
+        for (int x : experts_of_gpu_[heavy]) {
+          if (holds(light, x)) continue;
+          for (int y : experts_of_gpu_[light]) {
+            const double shift = per_replica(x) - per_replica(y);
+            if (shift <= 0 || holds(heavy, y)) continue;
+            const double worst = std::max(top - shift, gpu_load_[light] + shift);
+            const int c = cost(light, x) + cost(heavy, y) - cost(heavy, x) - cost(light, y);
+            if (moves_ + c > limit) continue;
+            if (worst < best || (worst == best && best_light >= 0 && c < best_cost)) {
+              best = worst;
+              best_cost = c;
+              best_light = light;
+              best_x = x;
+              best_y = y;
+            }
+          }
+        }
+      }
+      if (best_light < 0) return;
+      remove(heavy, best_x);
+      remove(best_light, best_y);
+      add(heavy, best_y);
+      add(best_light, best_x);
+    }
+  }
+
+  const std::vector<double>& load_;
+  const std::vector<int>& capacity_;
+  int num_experts_, num_gpus_, max_count_;
+  std::vector<int> count_;
+  std::vector<std::vector<int>> experts_of_gpu_;
+  std::vector<std::vector<int>> gpus_of_expert_;
+  std::vector<double> gpu_load_;
+  std::vector<char> previous_;  // G x E: the pair was in the previous placement
+  int moves_ = 0;
+};
+
+// Slots ordered by GPU, then expert, from one (GPU, expert) pair per slot.
+LayerPlacement finish(LayerPlacement placement, std::vector<std::pair<int, int>> gpu_expert) {
+  std::sort(gpu_expert.begin(), gpu_expert.end());
+  for (size_t s = 0; s < gpu_expert.size(); ++s) {
+    placement.gpus.push_back(gpu_expert[s].first);
+    placement.phy2log.push_back(gpu_expert[s].second);
+    placement.log2phy[gpu_expert[s].second].push_back(static_cast<int>(s));
+  }
+  return placement;
+}
 
 LayerPlacement plan_moe_layer(int layer, const LayerStats& stats, const PlacementModel& model,
                               const ClusterSpec& cluster, const PlanOptions& options, int64_t slots,
@@ -466,6 +861,20 @@ LayerPlacement plan_moe_layer(int layer, const LayerStats& stats, const Placemen
   const std::vector<double> load = resolve_loads(stats, model.experts_per_layer);
   const int gpus_with_room = static_cast<int>(
       std::count_if(capacity.begin(), capacity.end(), [](int c) { return c > 0; }));
+  LayerPlacement placement;
+  placement.layer = layer;
+  placement.log2phy.assign(model.experts_per_layer, {});
+  std::vector<std::pair<int, int>> gpu_expert;  // one per slot, sorted into slot order
+  if (!stats.previous_gpus.empty()) {
+    Replan replan(stats, load, capacity, gpus_with_room);
+    replan.improve(options.max_moves, replan.take_previous(slots));
+    placement.moves = replan.moves();
+    placement.replica_count = replan.count();
+    for (int g = 0; g < num_gpus; ++g) {
+      for (int e : replan.experts_of_gpu()[g]) gpu_expert.emplace_back(g, e);
+    }
+    return finish(std::move(placement), std::move(gpu_expert));
+  }
   const std::vector<int> count = replica_counts(load, slots, gpus_with_room);
   Packing packing = pack_heaviest_first(load, count, capacity);
 
@@ -493,27 +902,50 @@ LayerPlacement plan_moe_layer(int layer, const LayerStats& stats, const Placemen
     }
   }
 
-  std::vector<std::pair<int, int>> gpu_expert;  // one per slot, sorted into slot order
   for (int bin = 0; bin < num_gpus; ++bin) {
     for (int slot : packing.slots_of_gpu[bin]) {
       gpu_expert.emplace_back(gpu_of_bin[bin], packing.slot_expert[slot]);
     }
   }
-  std::sort(gpu_expert.begin(), gpu_expert.end());
-  LayerPlacement placement;
-  placement.layer = layer;
   placement.replica_count = count;
-  placement.log2phy.assign(model.experts_per_layer, {});
-  for (size_t s = 0; s < gpu_expert.size(); ++s) {
-    placement.gpus.push_back(gpu_expert[s].first);
-    placement.phy2log.push_back(gpu_expert[s].second);
-    placement.log2phy[gpu_expert[s].second].push_back(static_cast<int>(s));
+  return finish(std::move(placement), std::move(gpu_expert));
+}
+
+// A previous placement must be one the planner could have made: every expert on some GPU,
+// no GPU with two slots of one expert.
+void validate_previous(const LayerStats& stats, const std::string& name, int num_experts,
+                       int num_gpus) {
+  const auto& gpus = stats.previous_gpus;
+  const auto& experts = stats.previous_phy2log;
+  if (gpus.size() != experts.size()) {
+    fail(name + ".previous_gpus", "expected one GPU per previous slot (" +
+                                      std::to_string(experts.size()) + "), got " +
+                                      std::to_string(gpus.size()));
   }
-  return placement;
+  std::set<std::pair<int, int>> pairs;
+  std::vector<bool> placed(num_experts, false);
+  for (size_t s = 0; s < gpus.size(); ++s) {
+    if (gpus[s] < 0 || gpus[s] >= num_gpus) {
+      fail(name + ".previous_gpus", "GPU " + std::to_string(gpus[s]) + " out of range");
+    }
+    if (experts[s] < 0 || experts[s] >= num_experts) {
+      fail(name + ".previous_phy2log", "expert id " + std::to_string(experts[s]) + " out of range");
+    }
+    if (!pairs.emplace(gpus[s], experts[s]).second) {
+      fail(name + ".previous_gpus", "GPU " + std::to_string(gpus[s]) + " holds expert " +
+                                        std::to_string(experts[s]) + " twice");
+    }
+    placed[experts[s]] = true;
+  }
+  const auto missing = std::find(placed.begin(), placed.end(), false);
+  if (!gpus.empty() && missing != placed.end()) {
+    fail(name + ".previous_phy2log",
+         "expert " + std::to_string(missing - placed.begin()) + " has no slot");
+  }
 }
 
 void validate_stats(const std::vector<LayerStats>& stats, const PlacementModel& model,
-                    size_t num_moe_layers) {
+                    size_t num_moe_layers, int num_gpus, Policy policy) {
   if (!stats.empty() && stats.size() != num_moe_layers) {
     fail("stats", "expected one entry per MoE layer (" + std::to_string(num_moe_layers) +
                       "), got " + std::to_string(stats.size()));
@@ -539,6 +971,10 @@ void validate_stats(const std::vector<LayerStats>& stats, const PlacementModel& 
       if (expert < 0 || expert >= model.experts_per_layer) {
         fail(name + ".coactivation", "expert id " + std::to_string(expert) + " out of range");
       }
+    }
+    validate_previous(stats[i], name, model.experts_per_layer, num_gpus);
+    if (!stats[i].previous_gpus.empty() && policy != Policy::kBalanced) {
+      fail(name + ".previous_gpus", "only the balanced policy re-plans from a previous placement");
     }
   }
 }
@@ -680,7 +1116,8 @@ Placement plan_placement(const PlacementModel& model, const ClusterSpec& cluster
   if (!(options.memory_reserve_bytes >= 0)) fail("memory_reserve_bytes", "must be >= 0");
   if (options.redundant_experts < -1) fail("redundant_experts", "must be >= 0, or -1 (auto)");
   const std::vector<int> moe_layers = model.moe_layers();
-  validate_stats(stats, model, moe_layers.size());
+  if (options.max_moves < -1) fail("max_moves", "must be >= 0, or -1 (no limit)");
+  validate_stats(stats, model, moe_layers.size(), cluster.num_gpus(), options.policy);
 
   const int num_gpus = cluster.num_gpus();
   const bool limited = cluster.gpu_memory_bytes > 0;
