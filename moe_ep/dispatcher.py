@@ -471,6 +471,36 @@ def combine(
     return pending if async_op else pending.wait()
 
 
+def moe_forward(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    placement: ExpertPlacement,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    activation: str = "silu",
+    num_chunks: int = 1,
+    group: dist.ProcessGroup | str | None = None,
+) -> torch.Tensor:
+    """One expert-parallel MoE layer after routing, as one op: exact-size dispatch, this
+    rank's experts (w13 [L, 2F, H], w2 [L, H, F]), combine; in num_chunks chunks whose
+    dispatches are all issued first, so that communication overlaps the experts. topk_ids
+    are slot ids (see map_to_slots). Returns [T, H]."""
+    return torch.ops.moe_ep.moe_forward(
+        x,
+        topk_ids,
+        topk_weights,
+        placement.expert_rank,
+        placement.expert_local,
+        placement.num_local_experts,
+        w13,
+        w2,
+        activation,
+        num_chunks,
+        _group_name(group),
+    )
+
+
 @torch.library.register_fake("moe_ep::dispatch_layout")
 def _dispatch_layout_fake(topk_ids, expert_rank, expert_local, world_size, num_local_experts):
     rows = torch.library.get_ctx().new_dynamic_size()
@@ -586,6 +616,23 @@ def _combine_start_fake(y, recv_row_of, recv_weights, recv_counts, send_counts, 
 @torch.library.register_fake("moe_ep::combine_finish")
 def _combine_finish_fake(returned, token_slot):
     return returned.new_empty((token_slot.shape[0], returned.shape[1]))
+
+
+@torch.library.register_fake("moe_ep::moe_forward")
+def _moe_forward_fake(
+    x,
+    topk_ids,
+    topk_weights,
+    expert_rank,
+    expert_local,
+    num_local_experts,
+    w13,
+    w2,
+    activation,
+    num_chunks,
+    group_name,
+):
+    return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("moe_ep::combine")

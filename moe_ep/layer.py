@@ -278,10 +278,11 @@ class MoELayer(nn.Module):
         x: torch.Tensor,
         overlap_fn: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        """[..., H] -> [..., H]. Under expert parallelism the tokens go through the chunked
-        pipeline (moe_ep.pipeline.moe_forward) with num_chunks chunks; overlap_fn(chunk, x)
-        runs while that chunk's results travel back, and what it returns is added to the
-        chunk's output (a shared expert, say)."""
+        """[..., H] -> [..., H]. Under expert parallelism the tokens go through num_chunks
+        overlapped chunks: the moe_forward op (exact-size dispatch), or the Python pipeline
+        (moe_ep.pipeline.moe_forward) for fixed-capacity dispatch or an overlap_fn.
+        overlap_fn(chunk, x) runs while that chunk's results travel back, and what it returns
+        is added to the chunk's output (a shared expert, say)."""
         tokens = x.reshape(-1, self.hidden)
         if self.group is None:
             topk_ids, topk_weights = self.route(tokens)
@@ -289,6 +290,20 @@ class MoELayer(nn.Module):
             if overlap_fn is not None:
                 extra = overlap_fn(0, tokens)
                 out = out if extra is None else out + extra
+            return out.view(x.shape)
+        if overlap_fn is None and self.dispatch_mode == "exact":
+            topk_ids, topk_weights = self.route(tokens)
+            out = dispatcher.moe_forward(
+                tokens,
+                self.slot_ids(topk_ids),
+                topk_weights,
+                self.placement,
+                self.w13,
+                self.w2,
+                self.activation,
+                self.num_chunks,
+                self.group,
+            )
             return out.view(x.shape)
         return pipeline.moe_forward(self, tokens, self.num_chunks, overlap_fn).view(x.shape)
 

@@ -44,3 +44,11 @@ def test_opcheck_dispatch_ops(group_name):
             group_name,
         ),
     )
+
+
+def test_opcheck_moe_forward(group_name):
+    placement, x, ids, weights = inputs()
+    w13, w2 = torch.randn(4, 6, 8) / 3, torch.randn(4, 8, 3) / 2
+    maps = (placement.expert_rank, placement.expert_local)
+    args = (x, ids, weights, *maps, 4, w13, w2, "silu", 3, group_name)
+    torch.library.opcheck(torch.ops.moe_ep.moe_forward.default, args)

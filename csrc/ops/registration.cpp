@@ -75,6 +75,13 @@ TORCH_LIBRARY(moe_ep, m) {
       "combine_start(Tensor y, Tensor recv_row_of, Tensor recv_weights, Tensor recv_counts, "
       "Tensor send_counts, str group_name) -> Tensor");
   m.def("combine_finish(Tensor returned, Tensor token_slot) -> Tensor");
+
+  // One expert-parallel layer after routing (exact-size dispatch), in num_chunks chunks whose
+  // communication overlaps the experts of other chunks (csrc/ops/moe_forward.cpp): [T, H].
+  m.def(
+      "moe_forward(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor expert_rank, "
+      "Tensor expert_local, int num_local_experts, Tensor w13, Tensor w2, str activation, "
+      "int num_chunks, str group_name) -> Tensor");
   m.def(
       "combine(Tensor y_sorted, Tensor recv_row_of, Tensor recv_weights, Tensor recv_counts, "
       "Tensor send_counts, Tensor token_slot, str group_name) -> Tensor");

@@ -1,0 +1,111 @@
+// moe_forward: one expert-parallel MoE layer (exact-size dispatch) as a single op, split into
+// chunks that overlap: the dispatches of all chunks are issued first, then each chunk's
+// experts run while later chunks' rows arrive and earlier chunks' results travel back.
+//
+// Issuing every dispatch before any expert matters on CUDA: c10d orders a NCCL collective
+// after the work already queued on the current stream, so a dispatch issued after an expert
+// GEMM would wait for it. The schedule composes the registered ops through the dispatcher,
+// so CPU/Gloo and CUDA/NCCL take the same path. moe_ep.pipeline has the same schedule in
+// Python for what an op cannot take: a caller's hook, fixed-capacity fallback, layer streams.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <string_view>
+#include <vector>
+
+#include "ops/checks.h"
+
+namespace moe_ep::ops {
+namespace {
+
+using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensors6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+struct Ops {
+  c10::TypedOperatorHandle<Tensors6(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const at::Tensor&, int64_t,
+                                    std::string_view)>
+      dispatch_start;
+  c10::TypedOperatorHandle<Tensors4(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    int64_t)>
+      dispatch_finish;
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&, std::string_view)>
+      expert_ffn;
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&, const at::Tensor&, std::string_view)>
+      combine_start;
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&)> combine_finish;
+};
+
+const Ops& ops() {
+  static const Ops handles = [] {
+    auto& d = c10::Dispatcher::singleton();
+    auto find = [&](const char* name) { return d.findSchemaOrThrow(name, ""); };
+    return Ops{
+        find("moe_ep::dispatch_start")
+            .typed<Tensors6(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, int64_t, std::string_view)>(),
+        find("moe_ep::dispatch_finish")
+            .typed<Tensors4(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>(),
+        find("moe_ep::expert_ffn")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, std::string_view)>(),
+        find("moe_ep::combine_start")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, const at::Tensor&, std::string_view)>(),
+        find("moe_ep::combine_finish").typed<at::Tensor(const at::Tensor&, const at::Tensor&)>(),
+    };
+  }();
+  return handles;
+}
+
+at::Tensor moe_forward_impl(const at::Tensor& x, const at::Tensor& topk_ids,
+                            const at::Tensor& topk_weights, const at::Tensor& expert_rank,
+                            const at::Tensor& expert_local, int64_t num_local_experts,
+                            const at::Tensor& w13, const at::Tensor& w2,
+                            std::string_view activation, int64_t num_chunks,
+                            std::string_view group_name) {
+  TORCH_CHECK(num_chunks >= 1, "moe_ep: argument 'num_chunks' must be >= 1, got ", num_chunks);
+  check_dim(x, 2, "x");
+  check_dim(w13, 3, "w13");
+  TORCH_CHECK(w13.size(0) <= num_local_experts, "moe_ep: argument 'w13' holds ", w13.size(0),
+              " experts, more than num_local_experts=", num_local_experts);
+  const Ops& op = ops();
+  const auto x_chunks = x.tensor_split(num_chunks);
+  const auto id_chunks = topk_ids.tensor_split(num_chunks);
+  const auto weight_chunks = topk_weights.tensor_split(num_chunks);
+
+  std::vector<Tensors6> started;
+  started.reserve(num_chunks);
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    started.push_back(op.dispatch_start.call(x_chunks[c], id_chunks[c], weight_chunks[c],
+                                             expert_rank, expert_local, num_local_experts,
+                                             group_name));
+  }
+  std::vector<at::Tensor> returning;
+  returning.reserve(num_chunks);
+  for (auto& [x_recv, meta_recv, recv_counts, send_counts, token_slot, entries] : started) {
+    const auto [x_sorted, offsets, recv_row_of, recv_weights] =
+        op.dispatch_finish.call(x_recv, meta_recv, entries, num_local_experts);
+    // A rank with fewer experts than the widest one ignores the empty trailing groups.
+    const at::Tensor y =
+        op.expert_ffn.call(x_sorted, offsets.narrow(0, 0, w13.size(0) + 1), w13, w2, activation);
+    returning.push_back(
+        op.combine_start.call(y, recv_row_of, recv_weights, recv_counts, send_counts, group_name));
+  }
+  std::vector<at::Tensor> outputs;
+  outputs.reserve(num_chunks);
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    outputs.push_back(op.combine_finish.call(returning[c], std::get<4>(started[c])));
+  }
+  return at::cat(outputs);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe_ep, CPU, m) { m.impl("moe_forward", &moe_forward_impl); }
+
+TORCH_LIBRARY_IMPL(moe_ep, CUDA, m) { m.impl("moe_forward", &moe_forward_impl); }
+
+}  // namespace moe_ep::ops
