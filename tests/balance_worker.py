@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import assert_close_relative  # noqa: E402
+from conftest import assert_close_relative, process_group  # noqa: E402
 from ep_worker import FFN, HIDDEN, full_weights  # noqa: E402
 
 import moe_ep  # noqa: E402
@@ -184,19 +183,8 @@ def run_replicas_match_reference():
 
 
 def worker(rank: int, world: int, init_file: str):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),
-    )
-    try:
-        torch.set_num_threads(1)
+    with process_group(rank, world, init_file):
         run_all()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def run_all():

@@ -1,5 +1,10 @@
+import contextlib
+import zlib
+from datetime import timedelta
+
 import pytest
 import torch
+import torch.distributed as dist
 
 CUDA_SKIP = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device on this machine"
@@ -27,4 +32,24 @@ def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, dtype: t
 @pytest.fixture(autouse=True)
 def _seed(request):
     # Fresh random inputs per test, reproducible from the test's name.
-    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@contextlib.contextmanager
+def process_group(rank: int, world: int, init_file: str, backend: str = "gloo"):
+    """The world group of a spawned test process (one thread: the ranks share the cores)."""
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),
+    )
+    try:
+        torch.set_num_threads(1)
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
