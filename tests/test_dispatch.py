@@ -48,3 +48,9 @@ def test_dispatch_layout_single_process():
     assert layout.rows_saved == 2
     with pytest.raises(RuntimeError, match="'topk_ids'"):
         dispatch_layout(ids + 6, placement)
+    rank_map, local_map = placement.expert_rank, placement.expert_local
+    ops = torch.ops.moe_ep
+    with pytest.raises(RuntimeError, match="'expert_rank'"):
+        ops.dispatch_layout(ids, rank_map + 4, local_map, 4, 2)
+    with pytest.raises(RuntimeError, match="'expert_local'"):
+        ops.dispatch_layout(ids, rank_map, local_map + 2, 4, 2)

@@ -45,26 +45,38 @@ void check_expert_map(const at::Tensor& expert_rank, const at::Tensor& expert_lo
   check_same_device(expert_local, topk_ids, "expert_local", "topk_ids");
 }
 
-// The map's values: ranks in [0, world_size), local ids in [0, num_local_experts).
-void check_map_values(const at::Tensor& expert_rank, const at::Tensor& expert_local,
-                      int64_t world_size, int64_t num_local_experts) {
-  if (expert_rank.numel() == 0) return;
-  const at::Tensor bounds =
-      at::stack({expert_rank.min(), expert_rank.max(), expert_local.min(), expert_local.max()})
-          .cpu();
-  const auto v = bounds.accessor<int32_t, 1>();
-  TORCH_CHECK(v[0] >= 0 && v[1] < world_size, "moe_ep: argument 'expert_rank' must hold ranks in ",
-              "[0, ", world_size, "), got values in [", v[0], ", ", v[1], "]");
-  TORCH_CHECK(v[2] >= 0 && v[3] < num_local_experts, "moe_ep: argument 'expert_local' must hold ",
-              "local expert ids in [0, num_local_experts=", num_local_experts, "), got values in [",
-              v[2], ", ", v[3], "]");
+std::vector<int64_t> host_values(const at::Tensor& t) {
+  const at::Tensor host = t.to(at::kCPU, at::kLong).contiguous();
+  return {host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel()};
 }
 
-// True when every id lies in [0, num_experts) (one device-to-host read on CUDA).
-bool ids_in_range(const at::Tensor& topk_ids, int64_t num_experts) {
-  if (topk_ids.numel() == 0) return true;
-  const auto [low, high] = value_range(topk_ids);
-  return low >= 0 && high < num_experts;
+// Checks the map's values (ranks in [0, world_size), local ids in [0, num_local_experts)) and
+// returns whether every id of topk_ids (when defined) lies in [0, num_experts): one
+// device-to-host read on CUDA for all of it.
+bool check_map_and_ids(const at::Tensor& expert_rank, const at::Tensor& expert_local,
+                       const at::Tensor& topk_ids, int64_t world_size, int64_t num_local_experts) {
+  std::vector<at::Tensor> extremes;
+  const bool with_map = expert_rank.numel() > 0;
+  const bool with_ids = topk_ids.defined() && topk_ids.numel() > 0;
+  if (with_map) {
+    extremes.insert(extremes.end(),
+                    {expert_rank.min().to(at::kLong), expert_rank.max().to(at::kLong),
+                     expert_local.min().to(at::kLong), expert_local.max().to(at::kLong)});
+  }
+  if (with_ids)
+    extremes.insert(extremes.end(), {topk_ids.min().to(at::kLong), topk_ids.max().to(at::kLong)});
+  if (extremes.empty()) return true;
+  const std::vector<int64_t> v = host_values(at::stack(extremes));
+  if (with_map) {
+    TORCH_CHECK(v[0] >= 0 && v[1] < world_size, "moe_ep: argument 'expert_rank' must hold ranks ",
+                "in [0, ", world_size, "), got values in [", v[0], ", ", v[1], "]");
+    TORCH_CHECK(v[2] >= 0 && v[3] < num_local_experts, "moe_ep: argument 'expert_local' must ",
+                "hold local expert ids in [0, num_local_experts=", num_local_experts,
+                "), got values in [", v[2], ", ", v[3], "]");
+  }
+  if (!with_ids) return true;
+  const int64_t* ids = v.data() + (with_map ? 4 : 0);
+  return ids[0] >= 0 && ids[1] < expert_rank.size(0);
 }
 
 Layout compute_layout(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
@@ -159,21 +171,18 @@ at::Tensor all_to_all_rows(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
       start_all_to_all_rows(group, input, std::move(send_rows), std::move(recv_rows)));
 }
 
-std::vector<int64_t> host_values(const at::Tensor& t) {
-  const at::Tensor host = t.to(at::kCPU, at::kLong).contiguous();
-  return {host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel()};
-}
-
 // Per-peer header of the first exchange. Everything a rank must agree on travels with the
 // counts, so a mismatch raises on every rank instead of leaving some waiting forever.
 enum Header : int64_t { kRows, kEntries, kHidden, kExperts, kDtype, kBadIds, kHeaderSize };
 
+// send_counts: this rank's rows then (token, choice) pairs per peer, on the host ([2 * world]).
 std::vector<int64_t> exchange_headers(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-                                      const at::Tensor& counts, const at::Tensor& entries,
-                                      int64_t hidden, int64_t num_experts, at::ScalarType dtype,
-                                      bool bad_ids, const at::Device& device) {
+                                      const std::vector<int64_t>& send_counts, int64_t hidden,
+                                      int64_t num_experts, at::ScalarType dtype, bool bad_ids,
+                                      const at::Device& device) {
   const int64_t world = group->getSize();
-  const std::vector<int64_t> rows = host_values(counts), pairs = host_values(entries);
+  const int64_t* rows = send_counts.data();
+  const int64_t* pairs = rows + world;
   at::Tensor header = at::empty({world, kHeaderSize}, at::kLong);
   int64_t* h = header.data_ptr<int64_t>();
   for (int64_t peer = 0; peer < world; ++peer) {
@@ -248,9 +257,9 @@ dispatch_layout_impl(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
   check_expert_map(expert_rank, expert_local, topk_ids);
   TORCH_CHECK(world_size >= 1, "moe_ep: argument 'world_size' must be >= 1, got ", world_size);
   TORCH_CHECK(num_local_experts >= 1, "moe_ep: argument 'num_local_experts' must be >= 1");
-  check_map_values(expert_rank, expert_local, world_size, num_local_experts);
-  TORCH_CHECK(ids_in_range(topk_ids, expert_rank.size(0)), "moe_ep: argument 'topk_ids' holds ",
-              "an expert id outside [0, ", expert_rank.size(0), ")");
+  TORCH_CHECK(check_map_and_ids(expert_rank, expert_local, topk_ids, world_size, num_local_experts),
+              "moe_ep: argument 'topk_ids' holds ", "an expert id outside [0, ",
+              expert_rank.size(0), ")");
   const Layout l = compute_layout(topk_ids, expert_rank, expert_local, world_size,
                                   std::min(topk_ids.size(1), num_local_experts));
   return {l.send_counts,    l.entry_counts, l.send_token,
@@ -266,21 +275,22 @@ dispatch_start_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::T
   const int64_t world = group->getSize();
   const int64_t slot_width = std::min(topk_ids.size(1), num_local_experts);
   const int64_t num_experts = expert_rank.size(0), hidden = x.size(1);
-  check_map_values(expert_rank, expert_local, world, num_local_experts);
-
-  const bool bad_ids = !ids_in_range(topk_ids, num_experts);
+  const bool bad_ids =
+      !check_map_and_ids(expert_rank, expert_local, topk_ids, world, num_local_experts);
   const Layout layout = compute_layout(bad_ids ? topk_ids.narrow(0, 0, 0) : topk_ids, expert_rank,
                                        expert_local, world, slot_width);
-  const std::vector<int64_t> header =
-      exchange_headers(group, layout.send_counts, layout.entry_counts, hidden, num_experts,
-                       x.scalar_type(), bad_ids, x.device());
+  // Rows and pairs per destination in one device-to-host read.
+  const std::vector<int64_t> send_counts =
+      host_values(at::cat({layout.send_counts, layout.entry_counts}));
+  const std::vector<int64_t> header = exchange_headers(group, send_counts, hidden, num_experts,
+                                                       x.scalar_type(), bad_ids, x.device());
   std::vector<int64_t> recv_rows(world);
   int64_t recv_entries = 0;
   for (int64_t peer = 0; peer < world; ++peer) {
     recv_rows[peer] = header[peer * kHeaderSize + kRows];
     recv_entries += header[peer * kHeaderSize + kEntries];
   }
-  const std::vector<int64_t> send_rows = host_values(layout.send_counts);
+  const std::vector<int64_t> send_rows(send_counts.begin(), send_counts.begin() + world);
 
   // Hidden rows, and the routing metadata (local ids + weights as int32 bits) in one message.
   const at::Tensor x_send = x.index_select(0, layout.send_token);
@@ -376,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_capacity_sta
   const int64_t num_tokens = topk_ids.size(0), top_k = topk_ids.size(1);
   const int64_t num_experts = expert_rank.size(0);
   const int64_t width = std::min(top_k, num_local_experts);
-  if (!x.is_cuda()) check_map_values(expert_rank, expert_local, world, num_local_experts);
+  if (!x.is_cuda()) check_map_and_ids(expert_rank, expert_local, {}, world, num_local_experts);
   const int64_t rows = world * capacity, trash = rows;  // one spare row absorbs what is not sent
   const auto long_options = topk_ids.options().dtype(at::kLong);
 
