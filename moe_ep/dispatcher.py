@@ -307,14 +307,17 @@ class CapacityDispatched:
 
 def check_status(status: torch.Tensor, capacity: int) -> None:
     """Checks a fixed-capacity dispatch's status ([world, 4]: per source rank its overflow,
-    hidden size, number of experts, bad-ids flag), the same on every rank."""
+    hidden size, number of experts, misuse bits), the same on every rank."""
     status = status.cpu().long()
-    bad = status[:, 3].nonzero().view(-1).tolist()
-    if bad:
-        raise RuntimeError(
-            f"moe_ep: dispatch: rank(s) {bad} passed an argument 'topk_ids' with an expert id "
-            "outside the expert map"
-        )
+    for bit, what in (
+        (1, "with an expert id outside the expert map"),
+        (2, "where a token has more choices on one rank than 'num_local_experts' allows"),
+    ):
+        bad = (status[:, 3] & bit).nonzero().view(-1).tolist()
+        if bad:
+            raise RuntimeError(
+                f"moe_ep: dispatch: rank(s) {bad} passed an argument 'topk_ids' {what}"
+            )
     for column, what in ((1, "hidden size (argument 'x')"), (2, "number of experts")):
         if status[:, column].unique().numel() > 1:
             raise RuntimeError(

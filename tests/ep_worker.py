@@ -287,10 +287,36 @@ def run_misuse():
     x = torch.randn(4, 16 if rank == 0 else 32)
     bad_ids = ids + (experts if rank == world - 1 else 0)
     good_x = torch.randn(4, 32)
+    # One expert per rank: a repeated expert id (every rank but 0) puts two choices of a token
+    # on one rank.
+    one_each = ExpertPlacement.contiguous(world, world)
+    repeated = torch.tensor([[0, 1 if rank == 0 else 0]] * 4, dtype=torch.int32)
     for dispatch in (moe_ep.dispatcher.dispatch, capacity_dispatch):
         expect_error("hidden size", dispatch, x, ids, w, placement)
         expect_error("'topk_ids'", dispatch, good_x, bad_ids, w, placement)
         expect_error("'group_name'", dispatch, good_x, ids, w, placement, "no-such-group")
+        expect_error(
+            "more choices on one rank", dispatch, good_x, repeated, w.expand(4, 2), one_each
+        )
+    # moe_forward starts all chunks with one header: misuse in the last chunk of one rank
+    # still raises on every rank.
+    w13 = torch.randn(2, 2 * FFN, HIDDEN)
+    w2 = torch.randn(2, HIDDEN, FFN)
+    late_bad = ids.clone()
+    late_bad[-1] = experts if rank == world - 1 else 0
+    for chunks in (1, 3):
+        expect_error(
+            "'topk_ids'",
+            moe_ep.dispatcher.moe_forward,
+            good_x,
+            late_bad,
+            w,
+            placement,
+            w13,
+            w2,
+            "silu",
+            chunks,
+        )
     check_layer("after-misuse", experts, 2, 10, torch.float32)
     check_layer("after-misuse", experts, 2, 10, torch.float32, mode="capacity")
 

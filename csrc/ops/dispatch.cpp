@@ -18,9 +18,11 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <algorithm>
+#include <numeric>
 #include <string>
 
 #include "ops/checks.h"
+#include "ops/dispatch.h"
 
 namespace moe_ep::ops {
 namespace {
@@ -38,6 +40,8 @@ void check_expert_map(const at::Tensor& expert_rank, const at::Tensor& expert_lo
                       const at::Tensor& topk_ids) {
   check_dim(expert_rank, 1, "expert_rank");
   check_dtype(expert_rank, at::kInt, "expert_rank");
+  TORCH_CHECK(expert_rank.size(0) >= 1, "moe_ep: argument 'expert_rank' must map at least one ",
+              "expert");
   check_dim(expert_local, 1, "expert_local");
   check_dtype(expert_local, at::kInt, "expert_local");
   check_size(expert_local, 0, expert_rank.size(0), "expert_local");
@@ -50,73 +54,94 @@ std::vector<int64_t> host_values(const at::Tensor& t) {
   return {host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel()};
 }
 
-// Checks the map's values (ranks in [0, world_size), local ids in [0, num_local_experts)) and
-// returns whether every id of topk_ids (when defined) lies in [0, num_experts): one
-// device-to-host read on CUDA for all of it.
-bool check_map_and_ids(const at::Tensor& expert_rank, const at::Tensor& expert_local,
-                       const at::Tensor& topk_ids, int64_t world_size, int64_t num_local_experts) {
-  std::vector<at::Tensor> extremes;
-  const bool with_map = expert_rank.numel() > 0;
-  const bool with_ids = topk_ids.defined() && topk_ids.numel() > 0;
-  if (with_map) {
-    extremes.insert(extremes.end(),
-                    {expert_rank.min().to(at::kLong), expert_rank.max().to(at::kLong),
-                     expert_local.min().to(at::kLong), expert_local.max().to(at::kLong)});
-  }
-  if (with_ids)
-    extremes.insert(extremes.end(), {topk_ids.min().to(at::kLong), topk_ids.max().to(at::kLong)});
-  if (extremes.empty()) return true;
-  const std::vector<int64_t> v = host_values(at::stack(extremes));
-  if (with_map) {
-    TORCH_CHECK(v[0] >= 0 && v[1] < world_size, "moe_ep: argument 'expert_rank' must hold ranks ",
-                "in [0, ", world_size, "), got values in [", v[0], ", ", v[1], "]");
-    TORCH_CHECK(v[2] >= 0 && v[3] < num_local_experts, "moe_ep: argument 'expert_local' must ",
-                "hold local expert ids in [0, num_local_experts=", num_local_experts,
-                "), got values in [", v[2], ", ", v[3], "]");
-  }
-  if (!with_ids) return true;
-  const int64_t* ids = v.data() + (with_map ? 4 : 0);
-  return ids[0] >= 0 && ids[1] < expert_rank.size(0);
+// The map's extremes on the device, int64 [4]: rank min and max, local id min and max. They
+// are read together with the routing summaries and checked by check_map_extremes.
+at::Tensor map_extremes(const at::Tensor& expert_rank, const at::Tensor& expert_local) {
+  return at::stack({expert_rank.min(), expert_rank.max(), expert_local.min(), expert_local.max()})
+      .to(at::kLong);
 }
 
-Layout compute_layout(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
+void check_map_extremes(const int64_t* v, int64_t world_size, int64_t num_local_experts) {
+  TORCH_CHECK(v[0] >= 0 && v[1] < world_size, "moe_ep: argument 'expert_rank' must hold ranks ",
+              "in [0, ", world_size, "), got values in [", v[0], ", ", v[1], "]");
+  TORCH_CHECK(v[2] >= 0 && v[3] < num_local_experts, "moe_ep: argument 'expert_local' must ",
+              "hold local expert ids in [0, num_local_experts=", num_local_experts,
+              "), got values in [", v[2], ", ", v[3], "]");
+}
+constexpr int64_t kMapExtremes = 4;
+
+// Where each (token, choice) pair goes, computed on the device without reading anything back.
+// `summary` gathers what the host needs in one int64 vector: rows per rank [world], pairs per
+// rank [world], then kSummaryErrors flags (see Error). Out-of-range ids and ranks are clamped
+// so that every index stays in bounds; the flags report them.
+struct Routing {
+  at::Tensor dest;      // int64 [T, k]: destination rank of each choice
+  at::Tensor local;     // int32 [T, k]: receiver-local expert id of each choice
+  at::Tensor position;  // int64 [T, k]: index among the token's earlier choices on that rank
+  at::Tensor goes_to;   // int64 [world, T]: 1 where the token has a choice on the rank
+  at::Tensor summary;   // int64 [2 * world + 1]
+};
+
+// Misuse that a rank finds in its own arguments; it travels in the header so that every rank
+// raises, not only the one that found it.
+enum Error : int64_t { kIdOutOfRange = 1, kTooManyChoices = 2 };
+
+Routing route_choices(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
                       const at::Tensor& expert_local, int64_t world_size, int64_t slot_width) {
   const int64_t num_tokens = topk_ids.size(0), top_k = topk_ids.size(1);
+  const int64_t num_experts = expert_rank.size(0);
   const auto long_options = topk_ids.options().dtype(at::kLong);
-  const at::Tensor ids = topk_ids.to(at::kLong).reshape({-1});
-  const at::Tensor dest = expert_rank.index_select(0, ids).to(at::kLong).view({num_tokens, top_k});
-  const at::Tensor local = expert_local.index_select(0, ids).view({num_tokens, top_k});
+  const at::Tensor ids_long = topk_ids.to(at::kLong);
+  const at::Tensor bad_ids = (ids_long < 0) | (ids_long >= num_experts);
+  const at::Tensor ids = ids_long.masked_fill(bad_ids, 0).reshape({-1});
+  Routing r;
+  r.dest = expert_rank.index_select(0, ids)
+               .to(at::kLong)
+               .clamp(0, world_size - 1)
+               .view({num_tokens, top_k});
+  r.local = expert_local.index_select(0, ids).view({num_tokens, top_k});
+  const at::Tensor earlier = at::ones({top_k, top_k}, long_options.dtype(at::kBool)).tril(-1);
+  r.position = ((r.dest.unsqueeze(2) == r.dest.unsqueeze(1)) & earlier).sum(2);
+  const at::Tensor token_index = at::arange(num_tokens, long_options).repeat_interleave(top_k);
+  r.goes_to = at::zeros({world_size, num_tokens}, long_options);
+  r.goes_to.index_put_({r.dest.reshape({-1}), token_index}, at::ones({1}, long_options));
+  const at::Tensor pairs =
+      at::zeros({world_size}, long_options)
+          .index_add_(0, r.dest.reshape({-1}), at::ones({num_tokens * top_k}, long_options));
+  const at::Tensor errors = bad_ids.any().to(at::kLong) * kIdOutOfRange +
+                            (r.position >= slot_width).any().to(at::kLong) * kTooManyChoices;
+  r.summary = at::cat({r.goes_to.sum(1), pairs, errors.reshape({1})});
+  return r;
+}
 
-  // Position of each choice among the earlier choices of its token that go to the same rank.
-  const at::Tensor same_rank = dest.unsqueeze(2) == dest.unsqueeze(1);
-  const at::Tensor earlier =
-      at::ones({top_k, top_k}, same_rank.options()).tril(-1);  // [j, j'] = j' < j
-  const at::Tensor position = (same_rank & earlier).sum(2);
-  TORCH_CHECK(num_tokens == 0 || position.max().item<int64_t>() < slot_width,
-              "moe_ep: a token has more choices on one rank than 'num_local_experts' allows");
-
-  // One row per (rank, token) pair that has at least one choice, ordered by rank then token.
-  at::Tensor goes_to = at::zeros({world_size, num_tokens}, long_options);
-  goes_to.index_put_(
-      {dest.reshape({-1}), at::arange(num_tokens, long_options).repeat_interleave(top_k)},
-      at::ones({1}, long_options));
+// The rest of the layout, once the number of sent rows is known on the host.
+Layout finish_layout(const Routing& r, int64_t rows, int64_t slot_width) {
+  const int64_t world_size = r.goes_to.size(0), num_tokens = r.goes_to.size(1);
+  const int64_t top_k = r.dest.size(1);
+  const auto long_options = r.dest.options();
+  const at::Tensor goes = r.goes_to.reshape({-1});
+  const at::Tensor row_index = goes.cumsum(0) - 1;  // row of each (rank, token) pair if sent
   Layout layout;
-  layout.send_counts = goes_to.sum(1);
-  layout.entry_counts = at::bincount(dest.reshape({-1}), {}, world_size);
-  layout.send_token = goes_to.reshape({-1}).nonzero().view({-1}).remainder(num_tokens);
-  const at::Tensor row_index = goes_to.reshape({-1}).cumsum(0) - 1;
-  const at::Tensor token_index = at::arange(num_tokens, long_options).unsqueeze(1).expand_as(dest);
+  layout.send_counts = r.goes_to.sum(1);
+  layout.entry_counts = r.summary.narrow(0, world_size, world_size).clone();  // own storage
+  // Pairs that are not sent all write to a spare last row, dropped afterwards.
+  layout.send_token = at::empty({rows + 1}, long_options);
+  layout.send_token.index_put_({at::where(goes > 0, row_index, rows)},
+                               at::arange(world_size * num_tokens, long_options)
+                                   .remainder(std::max<int64_t>(num_tokens, 1)));
+  layout.send_token = layout.send_token.narrow(0, 0, rows);
+  const at::Tensor token_index =
+      at::arange(num_tokens, long_options).unsqueeze(1).expand_as(r.dest);
   const at::Tensor row_of_choice =
-      row_index.index_select(0, (dest * num_tokens + token_index).reshape({-1}));
-
-  const int64_t rows = layout.send_token.size(0);
-  layout.send_local_ids = at::full({rows, slot_width}, -1, topk_ids.options().dtype(at::kInt));
-  layout.send_local_ids.index_put_({row_of_choice, position.reshape({-1})}, local.reshape({-1}));
+      row_index.index_select(0, (r.dest * num_tokens + token_index).reshape({-1}));
+  const at::Tensor position = r.position.reshape({-1});
+  layout.send_local_ids = at::full({rows, slot_width}, -1, r.local.options());
+  layout.send_local_ids.index_put_({row_of_choice, position}, r.local.reshape({-1}));
   layout.send_choice = at::full({rows, slot_width}, -1, long_options);
-  layout.send_choice.index_put_({row_of_choice, position.reshape({-1})},
+  layout.send_choice.index_put_({row_of_choice, position},
                                 at::arange(top_k, long_options).repeat({num_tokens}));
   layout.token_slot =
-      at::where(position == 0, row_of_choice.view({num_tokens, top_k}), -1).to(at::kInt);
+      at::where(r.position == 0, row_of_choice.view({num_tokens, top_k}), -1).to(at::kInt);
   return layout;
 }
 
@@ -171,36 +196,45 @@ at::Tensor all_to_all_rows(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
       start_all_to_all_rows(group, input, std::move(send_rows), std::move(recv_rows)));
 }
 
-// Per-peer header of the first exchange. Everything a rank must agree on travels with the
-// counts, so a mismatch raises on every rank instead of leaving some waiting forever.
-enum Header : int64_t { kRows, kEntries, kHidden, kExperts, kDtype, kBadIds, kHeaderSize };
+// Per-peer header of the first exchange: what every rank must agree on, the misuse a rank
+// found in its own arguments (Error bits), then the rows and (token, choice) pairs it sends
+// to that peer in each chunk. A mismatch or misuse raises on every rank instead of leaving
+// some waiting forever.
+enum Header : int64_t { kHidden, kExperts, kDtype, kErrors, kChunkCounts };
 
-// send_counts: this rank's rows then (token, choice) pairs per peer, on the host ([2 * world]).
+// summaries: one routing summary per chunk, read on the host (route_choices). Returns the
+// received headers, [world][kChunkCounts + 2 * chunks], after checking them.
 std::vector<int64_t> exchange_headers(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-                                      const std::vector<int64_t>& send_counts, int64_t hidden,
-                                      int64_t num_experts, at::ScalarType dtype, bool bad_ids,
+                                      const std::vector<const int64_t*>& summaries, int64_t hidden,
+                                      int64_t num_experts, at::ScalarType dtype,
                                       const at::Device& device) {
-  const int64_t world = group->getSize();
-  const int64_t* rows = send_counts.data();
-  const int64_t* pairs = rows + world;
-  at::Tensor header = at::empty({world, kHeaderSize}, at::kLong);
+  const int64_t world = group->getSize(), chunks = static_cast<int64_t>(summaries.size());
+  const int64_t header_size = kChunkCounts + 2 * chunks;
+  int64_t errors = 0;
+  for (const int64_t* summary : summaries) errors |= summary[2 * world];
+  at::Tensor header = at::empty({world, header_size}, at::kLong);
   int64_t* h = header.data_ptr<int64_t>();
   for (int64_t peer = 0; peer < world; ++peer) {
-    int64_t* row = h + peer * kHeaderSize;
-    row[kRows] = rows[peer];
-    row[kEntries] = pairs[peer];
+    int64_t* row = h + peer * header_size;
     row[kHidden] = hidden;
     row[kExperts] = num_experts;
     row[kDtype] = static_cast<int64_t>(dtype);
-    row[kBadIds] = bad_ids;
+    row[kErrors] = errors;
+    for (int64_t c = 0; c < chunks; ++c) {
+      row[kChunkCounts + 2 * c] = summaries[c][peer];
+      row[kChunkCounts + 2 * c + 1] = summaries[c][world + peer];
+    }
   }
   const std::vector<int64_t> ones(world, 1);
   const at::Tensor received = all_to_all_rows(group, header.to(device), ones, ones);
   const std::vector<int64_t> values = host_values(received);
   for (int64_t peer = 0; peer < world; ++peer) {
-    const int64_t* row = values.data() + peer * kHeaderSize;
-    TORCH_CHECK(row[kBadIds] == 0, "moe_ep: dispatch: rank ", peer, " passed an argument ",
-                "'topk_ids' with an expert id outside [0, ", row[kExperts], ")");
+    const int64_t* row = values.data() + peer * header_size;
+    TORCH_CHECK(!(row[kErrors] & kIdOutOfRange), "moe_ep: dispatch: rank ", peer, " passed an ",
+                "argument 'topk_ids' with an expert id outside [0, ", row[kExperts], ")");
+    TORCH_CHECK(!(row[kErrors] & kTooManyChoices), "moe_ep: dispatch: rank ", peer, " passed an ",
+                "argument 'topk_ids' where a token has more choices on one rank than ",
+                "'num_local_experts' allows");
     TORCH_CHECK(row[kHidden] == hidden, "moe_ep: dispatch: ranks disagree on the hidden size ",
                 "(argument 'x'): rank ", peer, " has ", row[kHidden], ", rank ", group->getRank(),
                 " has ", hidden);
@@ -257,54 +291,94 @@ dispatch_layout_impl(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
   check_expert_map(expert_rank, expert_local, topk_ids);
   TORCH_CHECK(world_size >= 1, "moe_ep: argument 'world_size' must be >= 1, got ", world_size);
   TORCH_CHECK(num_local_experts >= 1, "moe_ep: argument 'num_local_experts' must be >= 1");
-  TORCH_CHECK(check_map_and_ids(expert_rank, expert_local, topk_ids, world_size, num_local_experts),
-              "moe_ep: argument 'topk_ids' holds ", "an expert id outside [0, ",
-              expert_rank.size(0), ")");
-  const Layout l = compute_layout(topk_ids, expert_rank, expert_local, world_size,
-                                  std::min(topk_ids.size(1), num_local_experts));
+  const int64_t slot_width = std::min(topk_ids.size(1), num_local_experts);
+  const Routing routing =
+      route_choices(topk_ids, expert_rank, expert_local, world_size, slot_width);
+  // The map, the ids and the row counts in one device-to-host read.
+  const std::vector<int64_t> v =
+      host_values(at::cat({map_extremes(expert_rank, expert_local), routing.summary}));
+  check_map_extremes(v.data(), world_size, num_local_experts);
+  const int64_t* summary = v.data() + kMapExtremes;
+  TORCH_CHECK(!(summary[2 * world_size] & kIdOutOfRange), "moe_ep: argument 'topk_ids' holds ",
+              "an expert id outside [0, ", expert_rank.size(0), ")");
+  TORCH_CHECK(!(summary[2 * world_size] & kTooManyChoices), "moe_ep: argument 'topk_ids': a ",
+              "token has more choices on one rank than 'num_local_experts' allows");
+  const Layout l = finish_layout(
+      routing, std::accumulate(summary, summary + world_size, int64_t{0}), slot_width);
   return {l.send_counts,    l.entry_counts, l.send_token,
           l.send_local_ids, l.send_choice,  l.token_slot};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-dispatch_start_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                    const at::Tensor& expert_rank, const at::Tensor& expert_local,
-                    int64_t num_local_experts, std::string_view group_name) {
+}  // namespace
+
+std::vector<DispatchStarted> dispatch_start_chunks(const at::Tensor& x, const at::Tensor& topk_ids,
+                                                   const at::Tensor& topk_weights,
+                                                   const at::Tensor& expert_rank,
+                                                   const at::Tensor& expert_local,
+                                                   int64_t num_local_experts, int64_t num_chunks,
+                                                   std::string_view group_name) {
   check_dispatch_args(x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts);
+  TORCH_CHECK(num_chunks >= 1, "moe_ep: argument 'num_chunks' must be >= 1, got ", num_chunks);
   const auto group = resolve_group(std::string(group_name));
   const int64_t world = group->getSize();
   const int64_t slot_width = std::min(topk_ids.size(1), num_local_experts);
-  const int64_t num_experts = expert_rank.size(0), hidden = x.size(1);
-  const bool bad_ids =
-      !check_map_and_ids(expert_rank, expert_local, topk_ids, world, num_local_experts);
-  const Layout layout = compute_layout(bad_ids ? topk_ids.narrow(0, 0, 0) : topk_ids, expert_rank,
-                                       expert_local, world, slot_width);
-  // Rows and pairs per destination in one device-to-host read.
-  const std::vector<int64_t> send_counts =
-      host_values(at::cat({layout.send_counts, layout.entry_counts}));
-  const std::vector<int64_t> header = exchange_headers(group, send_counts, hidden, num_experts,
-                                                       x.scalar_type(), bad_ids, x.device());
-  std::vector<int64_t> recv_rows(world);
-  int64_t recv_entries = 0;
-  for (int64_t peer = 0; peer < world; ++peer) {
-    recv_rows[peer] = header[peer * kHeaderSize + kRows];
-    recv_entries += header[peer * kHeaderSize + kEntries];
-  }
-  const std::vector<int64_t> send_rows(send_counts.begin(), send_counts.begin() + world);
+  const auto x_chunks = x.tensor_split(num_chunks);
+  const auto id_chunks = topk_ids.tensor_split(num_chunks);
+  const auto weight_chunks = topk_weights.tensor_split(num_chunks);
 
-  // Hidden rows, and the routing metadata (local ids + weights as int32 bits) in one message.
-  const at::Tensor x_send = x.index_select(0, layout.send_token);
-  const at::Tensor weights_send = topk_weights.to(at::kFloat)
-                                      .index_select(0, layout.send_token)
-                                      .gather(1, layout.send_choice.clamp_min(0))
-                                      .masked_fill(layout.send_choice < 0, 0.0f);
-  const at::Tensor meta_send = at::cat({layout.send_local_ids, weights_send.view(at::kInt)}, 1);
-  return {start_all_to_all_rows(group, x_send, send_rows, recv_rows),
-          start_all_to_all_rows(group, meta_send, send_rows, recv_rows),
-          at::tensor(recv_rows, at::kLong),
-          at::tensor(send_rows, at::kLong),
-          layout.token_slot,
-          at::tensor({recv_entries}, at::kLong)};
+  // Every chunk's routing, the map's bounds and all row counts: one device-to-host read.
+  std::vector<Routing> routings;
+  std::vector<at::Tensor> to_read{map_extremes(expert_rank, expert_local)};
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    routings.push_back(route_choices(id_chunks[c], expert_rank, expert_local, world, slot_width));
+    to_read.push_back(routings.back().summary);
+  }
+  const std::vector<int64_t> local_values = host_values(at::cat(to_read));
+  check_map_extremes(local_values.data(), world, num_local_experts);
+  std::vector<const int64_t*> summaries;
+  for (int64_t c = 0; c < num_chunks; ++c)
+    summaries.push_back(local_values.data() + kMapExtremes + c * (2 * world + 1));
+
+  // One header exchange for all chunks: then every chunk's rows can travel at once.
+  const std::vector<int64_t> header = exchange_headers(
+      group, summaries, x.size(1), expert_rank.size(0), x.scalar_type(), x.device());
+  const int64_t header_size = kChunkCounts + 2 * num_chunks;
+  std::vector<DispatchStarted> started;
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    const std::vector<int64_t> send_rows(summaries[c], summaries[c] + world);
+    std::vector<int64_t> recv_rows(world);
+    int64_t recv_entries = 0;
+    for (int64_t peer = 0; peer < world; ++peer) {
+      recv_rows[peer] = header[peer * header_size + kChunkCounts + 2 * c];
+      recv_entries += header[peer * header_size + kChunkCounts + 2 * c + 1];
+    }
+    const Layout layout = finish_layout(
+        routings[c], std::accumulate(send_rows.begin(), send_rows.end(), int64_t{0}), slot_width);
+    // Hidden rows, and the routing metadata (local ids + weights as int32 bits) in one message.
+    const at::Tensor x_send = x_chunks[c].index_select(0, layout.send_token);
+    const at::Tensor weights_send = weight_chunks[c]
+                                        .to(at::kFloat)
+                                        .index_select(0, layout.send_token)
+                                        .gather(1, layout.send_choice.clamp_min(0))
+                                        .masked_fill(layout.send_choice < 0, 0.0f);
+    const at::Tensor meta_send = at::cat({layout.send_local_ids, weights_send.view(at::kInt)}, 1);
+    started.emplace_back(start_all_to_all_rows(group, x_send, send_rows, recv_rows),
+                         start_all_to_all_rows(group, meta_send, send_rows, recv_rows),
+                         at::tensor(recv_rows, at::kLong), at::tensor(send_rows, at::kLong),
+                         layout.token_slot, at::tensor({recv_entries}, at::kLong));
+  }
+  return started;
+}
+
+namespace {
+
+DispatchStarted dispatch_start_impl(const at::Tensor& x, const at::Tensor& topk_ids,
+                                    const at::Tensor& topk_weights, const at::Tensor& expert_rank,
+                                    const at::Tensor& expert_local, int64_t num_local_experts,
+                                    std::string_view group_name) {
+  return dispatch_start_chunks(x, topk_ids, topk_weights, expert_rank, expert_local,
+                               num_local_experts, 1, group_name)
+      .front();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_finish_impl(
@@ -327,9 +401,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_finish_impl(
           .narrow(0, 0, entry_count);
   const at::Tensor x_sorted = x_recv.index_select(0, at::floor_divide(entries, slot_width));
   const auto long_options = flat.options();
+  // Entries per expert; the last bucket counts the padding slots.
+  const at::Tensor counts =
+      at::zeros({num_local_experts + 1}, long_options).index_add_(0, key, at::ones_like(key));
   at::Tensor expert_offsets = at::zeros({num_local_experts + 1}, long_options);
   expert_offsets.narrow(0, 1, num_local_experts)
-      .copy_(at::bincount(flat.masked_select(valid), {}, num_local_experts).cumsum(0));
+      .copy_(counts.narrow(0, 0, num_local_experts).cumsum(0));
   at::Tensor recv_row_of = at::full({flat.size(0)}, -1, long_options);
   recv_row_of.index_put_({entries}, at::arange(entry_count, long_options));
   return {x_sorted, expert_offsets, recv_row_of.view({-1, slot_width}).to(at::kInt), recv_weights};
@@ -355,17 +432,21 @@ dispatch_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor&
 // blocks of M = world * capacity rows (an expert receives at most one entry per received row).
 //
 // status: int32 [world, kStatusSize], one row per source rank: its overflow, hidden size,
-// number of experts and whether its ids were out of range. On CPU tensors it is checked here;
-// on CUDA it stays on the device for the caller to check when it chooses (a CUDA graph replay
-// cannot read it).
-enum Status : int64_t { kOverflow, kStatusHidden, kStatusExperts, kStatusBadIds, kStatusSize };
+// number of experts and the misuse found in its arguments (Error bits). On CPU tensors it is
+// checked here; on CUDA it stays on the device for the caller to check when it chooses (a CUDA
+// graph replay cannot read it).
+enum Status : int64_t { kOverflow, kStatusHidden, kStatusExperts, kStatusErrors, kStatusSize };
 
 void check_status(const at::Tensor& status, int64_t hidden, int64_t num_experts, int64_t rank) {
   const at::Tensor host = status.to(at::kCPU, at::kLong).contiguous();
   const int64_t* v = host.data_ptr<int64_t>();
   for (int64_t peer = 0; peer < host.size(0); ++peer, v += kStatusSize) {
-    TORCH_CHECK(v[kStatusBadIds] == 0, "moe_ep: dispatch: rank ", peer, " passed an argument ",
-                "'topk_ids' with an expert id outside [0, ", v[kStatusExperts], ")");
+    TORCH_CHECK(!(v[kStatusErrors] & kIdOutOfRange), "moe_ep: dispatch: rank ", peer,
+                " passed an argument 'topk_ids' with an expert id outside [0, ", v[kStatusExperts],
+                ")");
+    TORCH_CHECK(!(v[kStatusErrors] & kTooManyChoices), "moe_ep: dispatch: rank ", peer,
+                " passed an argument 'topk_ids' where a token has more choices on one rank ",
+                "than 'num_local_experts' allows");
     TORCH_CHECK(v[kStatusHidden] == hidden, "moe_ep: dispatch: ranks disagree on the hidden ",
                 "size (argument 'x'): rank ", peer, " has ", v[kStatusHidden], ", rank ", rank,
                 " has ", hidden);
@@ -386,33 +467,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_capacity_sta
   const int64_t num_tokens = topk_ids.size(0), top_k = topk_ids.size(1);
   const int64_t num_experts = expert_rank.size(0);
   const int64_t width = std::min(top_k, num_local_experts);
-  if (!x.is_cuda()) check_map_and_ids(expert_rank, expert_local, {}, world, num_local_experts);
+  if (!x.is_cuda()) {
+    check_map_extremes(host_values(map_extremes(expert_rank, expert_local)).data(), world,
+                       num_local_experts);
+  }
   const int64_t rows = world * capacity, trash = rows;  // one spare row absorbs what is not sent
   const auto long_options = topk_ids.options().dtype(at::kLong);
 
-  // Out-of-range ids are replaced by expert 0 so the layout stays in bounds; every rank learns
-  // of them through status.
-  const at::Tensor ids_long = topk_ids.to(at::kLong);
-  const at::Tensor bad = (ids_long < 0) | (ids_long >= num_experts);
-  const at::Tensor ids = ids_long.masked_fill(bad, 0).reshape({-1});
-  const at::Tensor dest = expert_rank.index_select(0, ids).to(at::kLong).view({num_tokens, top_k});
-  const at::Tensor local = expert_local.index_select(0, ids).view({num_tokens, top_k});
-  const at::Tensor position = ((dest.unsqueeze(2) == dest.unsqueeze(1)) &
-                               at::ones({top_k, top_k}, dest.options().dtype(at::kBool)).tril(-1))
-                                  .sum(2);
-  const at::Tensor token_index = at::arange(num_tokens, long_options).unsqueeze(1).expand_as(dest);
-  at::Tensor goes_to = at::zeros({world, num_tokens}, long_options);
-  goes_to.index_put_({dest.reshape({-1}), token_index.reshape({-1})}, at::ones({1}, long_options));
-  const at::Tensor slot_in_dest = goes_to.cumsum(1) - 1;
-  const at::Tensor fits = (goes_to > 0) & (slot_in_dest < capacity);
-  const at::Tensor overflow = ((goes_to > 0) & ~fits).sum();
+  // Misuse (ids outside the map, too many choices on one rank) is clamped into bounds by
+  // route_choices and reported to every rank through status.
+  const Routing r = route_choices(topk_ids, expert_rank, expert_local, world, width);
+  const at::Tensor token_index =
+      at::arange(num_tokens, long_options).unsqueeze(1).expand_as(r.dest);
+  const at::Tensor slot_in_dest = r.goes_to.cumsum(1) - 1;
+  const at::Tensor fits = (r.goes_to > 0) & (slot_in_dest < capacity);
+  const at::Tensor overflow = ((r.goes_to > 0) & ~fits).sum();
   const at::Tensor row_for_pair = at::where(
       fits, at::arange(world, long_options).unsqueeze(1) * capacity + slot_in_dest, trash);
   const at::Tensor row_of_choice =
       row_for_pair.reshape({-1})
-          .index_select(0, (dest * num_tokens + token_index).reshape({-1}))
+          .index_select(0, (r.dest * num_tokens + token_index).reshape({-1}))
           .view({num_tokens, top_k});
-  const at::Tensor first = position == 0;
+  const at::Tensor first = r.position == 0;
 
   // Send buffers: one row per (rank, slot); k writes of T rows instead of world * T.
   at::Tensor x_send = at::zeros({rows + 1, hidden}, x.options());
@@ -423,13 +499,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_capacity_sta
   at::Tensor meta_send = at::zeros({rows + 1, meta_width}, topk_ids.options().dtype(at::kInt));
   meta_send.narrow(1, 0, width).fill_(-1);
   const at::Tensor choice_rows = row_of_choice.reshape({-1});
-  const at::Tensor choice_slots = position.reshape({-1});
-  meta_send.index_put_({choice_rows, choice_slots}, local.reshape({-1}));
+  const at::Tensor choice_slots = r.position.clamp_max(width - 1).reshape({-1});
+  meta_send.index_put_({choice_rows, choice_slots}, r.local.reshape({-1}));
   meta_send.index_put_({choice_rows, choice_slots + width},
                        topk_weights.to(at::kFloat).reshape({-1}).view(at::kInt));
   const at::Tensor status_send =
       at::stack({overflow, at::scalar_tensor(hidden, long_options),
-                 at::scalar_tensor(num_experts, long_options), bad.any().to(at::kLong)})
+                 at::scalar_tensor(num_experts, long_options), r.summary[2 * world]})
           .to(at::kInt);
   meta_send.narrow(0, 0, rows)
       .view({world, capacity, meta_width})

@@ -1,12 +1,13 @@
 // moe_forward: one expert-parallel MoE layer (exact-size dispatch) as a single op, split into
-// chunks that overlap: the dispatches of all chunks are issued first, then each chunk's
-// experts run while later chunks' rows arrive and earlier chunks' results travel back.
+// chunks that overlap: one header exchange starts the dispatches of all chunks, then each
+// chunk's experts run while later chunks' rows arrive and earlier chunks' results travel back.
 //
-// Issuing every dispatch before any expert matters on CUDA: c10d orders a NCCL collective
-// after the work already queued on the current stream, so a dispatch issued after an expert
-// GEMM would wait for it. The schedule composes the registered ops through the dispatcher,
-// so CPU/Gloo and CUDA/NCCL take the same path. moe_ep.pipeline has the same schedule in
-// Python for what an op cannot take: a caller's hook, fixed-capacity fallback, layer streams.
+// Starting every dispatch before any expert matters twice. On CUDA, c10d orders a NCCL
+// collective after the work already queued on the current stream, so a dispatch issued after
+// an expert GEMM would wait for it; and the counts of all chunks reach the host in one read
+// instead of one per chunk. The experts and the combines go through the dispatcher, so
+// CPU/Gloo and CUDA/NCCL take the same path. moe_ep.pipeline has the same schedule in Python
+// for what an op cannot take: a caller's hook, fixed-capacity fallback, layer streams.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -14,18 +15,14 @@
 #include <vector>
 
 #include "ops/checks.h"
+#include "ops/dispatch.h"
 
 namespace moe_ep::ops {
 namespace {
 
 using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using Tensors6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 struct Ops {
-  c10::TypedOperatorHandle<Tensors6(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const at::Tensor&, const at::Tensor&, int64_t,
-                                    std::string_view)>
-      dispatch_start;
   c10::TypedOperatorHandle<Tensors4(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     int64_t)>
       dispatch_finish;
@@ -43,9 +40,6 @@ const Ops& ops() {
     auto& d = c10::Dispatcher::singleton();
     auto find = [&](const char* name) { return d.findSchemaOrThrow(name, ""); };
     return Ops{
-        find("moe_ep::dispatch_start")
-            .typed<Tensors6(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const at::Tensor&, int64_t, std::string_view)>(),
         find("moe_ep::dispatch_finish")
             .typed<Tensors4(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>(),
         find("moe_ep::expert_ffn")
@@ -66,26 +60,17 @@ at::Tensor moe_forward_impl(const at::Tensor& x, const at::Tensor& topk_ids,
                             const at::Tensor& w13, const at::Tensor& w2,
                             std::string_view activation, int64_t num_chunks,
                             std::string_view group_name) {
-  TORCH_CHECK(num_chunks >= 1, "moe_ep: argument 'num_chunks' must be >= 1, got ", num_chunks);
   check_dim(x, 2, "x");
   check_dim(w13, 3, "w13");
   TORCH_CHECK(w13.size(0) <= num_local_experts, "moe_ep: argument 'w13' holds ", w13.size(0),
               " experts, more than num_local_experts=", num_local_experts);
   const Ops& op = ops();
-  const auto x_chunks = x.tensor_split(num_chunks);
-  const auto id_chunks = topk_ids.tensor_split(num_chunks);
-  const auto weight_chunks = topk_weights.tensor_split(num_chunks);
-
-  std::vector<Tensors6> started;
-  started.reserve(num_chunks);
-  for (int64_t c = 0; c < num_chunks; ++c) {
-    started.push_back(op.dispatch_start.call(x_chunks[c], id_chunks[c], weight_chunks[c],
-                                             expert_rank, expert_local, num_local_experts,
-                                             group_name));
-  }
+  const std::vector<DispatchStarted> started =
+      dispatch_start_chunks(x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts,
+                            num_chunks, group_name);
   std::vector<at::Tensor> returning;
   returning.reserve(num_chunks);
-  for (auto& [x_recv, meta_recv, recv_counts, send_counts, token_slot, entries] : started) {
+  for (const auto& [x_recv, meta_recv, recv_counts, send_counts, token_slot, entries] : started) {
     const auto [x_sorted, offsets, recv_row_of, recv_weights] =
         op.dispatch_finish.call(x_recv, meta_recv, entries, num_local_experts);
     // A rank with fewer experts than the widest one ignores the empty trailing groups.
