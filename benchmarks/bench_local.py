@@ -5,6 +5,11 @@ PyTorch (and, for expert_ffn, torch._grouped_mm where it runs: CUDA sm90+, bf16)
 reports each op's TFLOP/s or GB/s as a fraction of the dense-matmul rate and the copy
 bandwidth measured in the same run.
 
+On CUDA, expert_ffn is timed with both cuBLAS paths of MOE_EP_EXPERT_GEMM: "ms ours" is
+per_expert (the default: one GEMM per expert), "ms grouped" is grouped (one grouped GEMM per
+projection), and "per/grp" is their ratio (> 1: grouped is faster). The other ops and the
+layer run with the variable as set in the environment.
+
     python benchmarks/bench_local.py                       # the defaults of the device
     python benchmarks/bench_local.py --device cuda --experts 256 --topk 8 --json out.json
 
@@ -18,6 +23,7 @@ an expert gets 512 tokens on average, while the issue's target is >= 4096 per ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -47,8 +53,11 @@ COLUMNS = [
     "GB/s",
     "%copy",
     "err",
+    "ms grouped",
+    "per/grp",
 ]
-WIDTHS = [10, 4, 2, 6, 8, 8, 8, 19, 7, 7, 5, 6, 5, 8]
+WIDTHS = [10, 4, 2, 6, 8, 8, 8, 19, 7, 7, 5, 6, 5, 8, 10, 7]
+EXPERT_GEMM = "MOE_EP_EXPERT_GEMM"  # per_expert (default) | grouped, read by the CUDA op per call
 
 
 # --------------------------------------------------------------------------------------
@@ -146,6 +155,20 @@ def expert_ffn_grouped_mm(x, offs32, w13_t, w2_t):
     return torch._grouped_mm(F.silu(gate) * up, w2_t, offs=offs32)
 
 
+@contextlib.contextmanager
+def expert_gemm(value: str):
+    """Runs the body with MOE_EP_EXPERT_GEMM=value, then restores the variable."""
+    old = os.environ.get(EXPERT_GEMM)
+    os.environ[EXPERT_GEMM] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(EXPERT_GEMM, None)
+        else:
+            os.environ[EXPERT_GEMM] = old
+
+
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     ours, ref = ours.double(), ref.double()
     return ((ours - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -166,7 +189,20 @@ class Bench:
         return common.time_ms(fn, self.device, warmup=a.warmup, iters=a.iters, budget_s=a.budget)
 
     def add(
-        self, op, H, F_, E, k, T, ms, ref_ms, ref_name, err, rows_per_expert=None, work_op=None
+        self,
+        op,
+        H,
+        F_,
+        E,
+        k,
+        T,
+        ms,
+        ref_ms,
+        ref_name,
+        err,
+        rows_per_expert=None,
+        work_op=None,
+        extra=None,
     ):
         flops, nbytes = work(work_op or op, T, H, F_, E, k, self.elt, self.active)
         row = {
@@ -186,6 +222,7 @@ class Bench:
             "flops": flops,
             "bytes": nbytes,
             "err": err,
+            **(extra or {}),
         }
         row["%mm"] = 100 * row["TFLOP/s"] / self.mm_tflops if flops else None
         row["%copy"] = 100 * row["GB/s"] / self.copy_gbps
@@ -259,11 +296,35 @@ class Bench:
     def expert_ffn_rows(
         self, H, F_, E, k, T, x, offsets, w13, w2, y, label="expert_ffn", rows_per_expert=None
     ):
-        ms = self.time(lambda: ops.expert_ffn(x, offsets, w13, w2))
+        with expert_gemm("per_expert"):
+            ms = self.time(lambda: ops.expert_ffn(x, offsets, w13, w2))
         ref_ms = self.time(lambda: expert_ffn_loop(x, offsets, w13, w2))
-        err = rel_err(y, expert_ffn_loop(x, offsets, w13, w2))
+        loop = expert_ffn_loop(x, offsets, w13, w2)
+        err = rel_err(y, loop)
+        extra = None
+        if self.device.type == "cuda":  # the CPU op has a single implementation
+            with expert_gemm("grouped"):
+                grouped_ms = self.time(lambda: ops.expert_ffn(x, offsets, w13, w2))
+                grouped_err = rel_err(ops.expert_ffn(x, offsets, w13, w2), loop)
+            extra = {
+                "ms grouped": grouped_ms,
+                "per/grp": ms / grouped_ms,
+                "err grouped": grouped_err,
+            }
         self.add(
-            label, H, F_, E, k, T, ms, ref_ms, "torch loop", err, rows_per_expert, "expert_ffn"
+            label,
+            H,
+            F_,
+            E,
+            k,
+            T,
+            ms,
+            ref_ms,
+            "torch loop",
+            err,
+            rows_per_expert,
+            "expert_ffn",
+            extra,
         )
         reason = grouped_mm_reason(self.device, self.dtype)
         if reason is None:
@@ -285,6 +346,7 @@ class Bench:
                     gm_err,
                     rows_per_expert,
                     "expert_ffn",
+                    extra,
                 )
             except Exception as exc:  # noqa: BLE001  (report any failure, keep benchmarking)
                 reason = (
@@ -375,6 +437,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = common.environment(device)
+    if device.type == "cuda":  # the CPU op has a single implementation
+        env["expert_gemm"] = os.environ.get(EXPERT_GEMM) or "per_expert (unset)"
     mm = common.measured_matmul_tflops(device, dtype, args.mm_size)
     copy = common.measured_copy_gbps(device, args.copy_mib << 20)
     print(f"# {env['device']} | torch {env['torch']} | {args.dtype} | {env['date']}")
@@ -382,6 +446,12 @@ def main(argv=None) -> None:
     print(f"# measured copy ({args.copy_mib} MiB, read+write): {copy:.1f} GB/s")
     print("# speedup = ms ref / ms ours; %mm, %copy: of the measured limits above; err: relative")
     print("# L2 error of ours vs the reference (0 = identical, nan = different routing/layout)")
+    if device.type == "cuda":
+        print(
+            f"# expert_ffn: ms ours = {EXPERT_GEMM}=per_expert, ms grouped = {EXPERT_GEMM}=grouped,"
+            " per/grp = ms ours / ms grouped (> 1: grouped faster); the layer runs with "
+            f"{EXPERT_GEMM}={env['expert_gemm']}"
+        )
     bench = Bench(args, device, dtype, mm, copy)
     print(common.format_table([], COLUMNS, WIDTHS), flush=True)
     for H in args.hidden:
@@ -451,6 +521,16 @@ def summarize(rows: list[dict]) -> list[str]:
             lines.append(
                 f"{op:>10} vs {ref:<20} speedup {min(sp):.2f}x .. {max(sp):.2f}x "
                 f"(median {sorted(sp)[len(sp) // 2]:.2f}x); {limit}"
+            )
+    for op in ("expert_ffn", "ffn_local"):
+        sel = [r for r in rows if r["op"] == op and r["ref"] == "torch loop" and "per/grp" in r]
+        if sel:
+            ratios = sorted(r["per/grp"] for r in sel)
+            faster = sum(ratio > 1 for ratio in ratios)
+            lines.append(
+                f"{op:>10} per_expert ms / grouped ms: {ratios[0]:.2f}x .. {ratios[-1]:.2f}x "
+                f"(median {ratios[len(ratios) // 2]:.2f}x); grouped faster in {faster} of "
+                f"{len(ratios)} configs"
             )
     big = [r for r in rows if r["op"] in ("expert_ffn", "ffn_local") and r["rows/exp"] >= 4096]
     if big:

@@ -1,4 +1,7 @@
-// expert_ffn building blocks: the fused gated activation and a row-major GEMM over cuBLAS.
+// expert_ffn building blocks: the fused gated activation and a row-major GEMM over cuBLAS,
+// one problem per call or a group of problems in one grouped call.
+#include <vector>
+
 #include "ops/kernels/dtype.cuh"
 
 namespace moe_ep::kernels {
@@ -85,6 +88,30 @@ cublasStatus_t gemm_nt(cublasHandle_t handle, DType dtype, int64_t m, int64_t n,
                       static_cast<int>(k), &alpha, b, type, static_cast<int>(k), a, type,
                       static_cast<int>(k), &beta, c, type, static_cast<int>(n), CUBLAS_COMPUTE_32F,
                       CUBLAS_GEMM_DEFAULT);
+}
+
+cublasStatus_t gemm_nt_grouped(cublasHandle_t handle, DType dtype, int64_t groups, const int64_t* m,
+                               int64_t n, int64_t k, const void* const* a, const void* const* b,
+                               void* const* c) {
+  if (groups == 0) return CUBLAS_STATUS_SUCCESS;
+  // The swap of gemm_nt for every group: cuBLAS computes the column-major C_g^T[n, m_g] =
+  // B_g A_g^T, so its (m, n, k) is (n, m_g, k), its A is our B (transposed) and its B is our
+  // A. Every array below but the pointer arrays is read on the host, one entry per group;
+  // each group holds one problem (group_size 1), so the pointer arrays have `groups` entries.
+  const auto count = static_cast<size_t>(groups);
+  std::vector<int> rows(count);
+  for (size_t g = 0; g < count; ++g) rows[g] = static_cast<int>(m[g]);
+  const std::vector<int> cols(count, static_cast<int>(n)), depth(count, static_cast<int>(k));
+  const std::vector<int> one_problem(count, 1);
+  const std::vector<cublasOperation_t> op_b(count, CUBLAS_OP_T), op_a(count, CUBLAS_OP_N);
+  const std::vector<float> alpha(count, 1.0f), beta(count, 0.0f);
+  const cudaDataType_t type = cuda_type(dtype);
+  // Argument order: transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C,
+  // Ctype, ldc, group_count, group_size, computeType (lda = ldb = k, ldc = n, as in gemm_nt).
+  return cublasGemmGroupedBatchedEx(
+      handle, op_b.data(), op_a.data(), cols.data(), rows.data(), depth.data(), alpha.data(), b,
+      type, depth.data(), a, type, depth.data(), beta.data(), c, type, cols.data(),
+      static_cast<int>(groups), one_problem.data(), CUBLAS_COMPUTE_32F);
 }
 
 }  // namespace moe_ep::kernels

@@ -48,4 +48,13 @@ cudaError_t launch_gated_activation(const void* gate_up, DType dtype, int64_t ro
 cublasStatus_t gemm_nt(cublasHandle_t handle, DType dtype, int64_t m, int64_t n, int64_t k,
                        const void* a, const void* b, void* c);
 
+// gemm_nt for `groups` problems in one cublasGemmGroupedBatchedEx call: row-major
+// C_g[m[g], n] = A_g[m[g], k] @ B_g[n, k]^T for g < groups, fp32 accumulation. m is a HOST
+// array of `groups` row counts (each > 0); a, b and c are DEVICE arrays of `groups` device
+// pointers each (contiguous rows: lda = ldb = k, ldc = n). For fp16/bf16, cuBLAS documents
+// alignment rules for the matrix pointers; 16-byte alignment of every one satisfies them.
+cublasStatus_t gemm_nt_grouped(cublasHandle_t handle, DType dtype, int64_t groups, const int64_t* m,
+                               int64_t n, int64_t k, const void* const* a, const void* const* b,
+                               void* const* c);
+
 }  // namespace moe_ep::kernels
