@@ -318,6 +318,12 @@ def check_status(status: torch.Tensor, capacity: int) -> None:
             raise RuntimeError(
                 f"moe_ep: dispatch: rank(s) {bad} passed an argument 'topk_ids' {what}"
             )
+    bad = (status[:, 3] & 4).nonzero().view(-1).tolist()
+    if bad:
+        raise RuntimeError(
+            f"moe_ep: dispatch: rank(s) {bad} passed an expert map (arguments 'expert_rank', "
+            "'expert_local') with a rank or a local expert id out of range"
+        )
     for column, what in ((1, "hidden size (argument 'x')"), (2, "number of experts")):
         if status[:, column].unique().numel() > 1:
             raise RuntimeError(

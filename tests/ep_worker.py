@@ -291,7 +291,13 @@ def run_misuse():
     # on one rank.
     one_each = ExpertPlacement.contiguous(world, world)
     repeated = torch.tensor([[0, 1 if rank == 0 else 0]] * 4, dtype=torch.int32)
+    # An expert map with a rank outside the group, on the last rank only (the slot map is
+    # written after the placement's own validation).
+    broken = ExpertPlacement.contiguous(experts, world)
+    if rank == world - 1:
+        broken.slot_rank[0] = world
     for dispatch in (moe_ep.dispatcher.dispatch, capacity_dispatch):
+        expect_error("expert map", dispatch, good_x, ids, w, broken)
         expect_error("hidden size", dispatch, x, ids, w, placement)
         expect_error("'topk_ids'", dispatch, good_x, bad_ids, w, placement)
         expect_error("'group_name'", dispatch, good_x, ids, w, placement, "no-such-group")

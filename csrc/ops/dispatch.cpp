@@ -72,8 +72,8 @@ constexpr int64_t kMapExtremes = 4;
 
 // Where each (token, choice) pair goes, computed on the device without reading anything back.
 // `summary` gathers what the host needs in one int64 vector: rows per rank [world], pairs per
-// rank [world], then kSummaryErrors flags (see Error). Out-of-range ids and ranks are clamped
-// so that every index stays in bounds; the flags report them.
+// rank [world], then one word of Error bits. Out-of-range ids and map entries are clamped so
+// that every index stays in bounds; the bits report them.
 struct Routing {
   at::Tensor dest;      // int64 [T, k]: destination rank of each choice
   at::Tensor local;     // int32 [T, k]: receiver-local expert id of each choice
@@ -84,11 +84,13 @@ struct Routing {
 
 // Misuse that a rank finds in its own arguments; it travels in the header so that every rank
 // raises, not only the one that found it.
-enum Error : int64_t { kIdOutOfRange = 1, kTooManyChoices = 2 };
+enum Error : int64_t { kIdOutOfRange = 1, kTooManyChoices = 2, kBadMap = 4 };
 
 Routing route_choices(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
-                      const at::Tensor& expert_local, int64_t world_size, int64_t slot_width) {
+                      const at::Tensor& expert_local, int64_t world_size,
+                      int64_t num_local_experts) {
   const int64_t num_tokens = topk_ids.size(0), top_k = topk_ids.size(1);
+  const int64_t slot_width = std::min(top_k, num_local_experts);
   const int64_t num_experts = expert_rank.size(0);
   const auto long_options = topk_ids.options().dtype(at::kLong);
   const at::Tensor ids_long = topk_ids.to(at::kLong);
@@ -99,7 +101,8 @@ Routing route_choices(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
                .to(at::kLong)
                .clamp(0, world_size - 1)
                .view({num_tokens, top_k});
-  r.local = expert_local.index_select(0, ids).view({num_tokens, top_k});
+  r.local =
+      expert_local.index_select(0, ids).clamp(0, num_local_experts - 1).view({num_tokens, top_k});
   const at::Tensor earlier = at::ones({top_k, top_k}, long_options.dtype(at::kBool)).tril(-1);
   r.position = ((r.dest.unsqueeze(2) == r.dest.unsqueeze(1)) & earlier).sum(2);
   const at::Tensor token_index = at::arange(num_tokens, long_options).repeat_interleave(top_k);
@@ -108,8 +111,11 @@ Routing route_choices(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
   const at::Tensor pairs =
       at::zeros({world_size}, long_options)
           .index_add_(0, r.dest.reshape({-1}), at::ones({num_tokens * top_k}, long_options));
+  const at::Tensor bad_map = (expert_rank < 0).any() | (expert_rank >= world_size).any() |
+                             (expert_local < 0).any() | (expert_local >= num_local_experts).any();
   const at::Tensor errors = bad_ids.any().to(at::kLong) * kIdOutOfRange +
-                            (r.position >= slot_width).any().to(at::kLong) * kTooManyChoices;
+                            (r.position >= slot_width).any().to(at::kLong) * kTooManyChoices +
+                            bad_map.to(at::kLong) * kBadMap;
   r.summary = at::cat({r.goes_to.sum(1), pairs, errors.reshape({1})});
   return r;
 }
@@ -230,6 +236,9 @@ std::vector<int64_t> exchange_headers(const c10::intrusive_ptr<c10d::ProcessGrou
   const std::vector<int64_t> values = host_values(received);
   for (int64_t peer = 0; peer < world; ++peer) {
     const int64_t* row = values.data() + peer * header_size;
+    TORCH_CHECK(!(row[kErrors] & kBadMap), "moe_ep: dispatch: rank ", peer, " passed an expert ",
+                "map (arguments 'expert_rank', 'expert_local') with a rank outside [0, ", world,
+                ") or a local expert id outside [0, num_local_experts)");
     TORCH_CHECK(!(row[kErrors] & kIdOutOfRange), "moe_ep: dispatch: rank ", peer, " passed an ",
                 "argument 'topk_ids' with an expert id outside [0, ", row[kExperts], ")");
     TORCH_CHECK(!(row[kErrors] & kTooManyChoices), "moe_ep: dispatch: rank ", peer, " passed an ",
@@ -293,7 +302,7 @@ dispatch_layout_impl(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
   TORCH_CHECK(num_local_experts >= 1, "moe_ep: argument 'num_local_experts' must be >= 1");
   const int64_t slot_width = std::min(topk_ids.size(1), num_local_experts);
   const Routing routing =
-      route_choices(topk_ids, expert_rank, expert_local, world_size, slot_width);
+      route_choices(topk_ids, expert_rank, expert_local, world_size, num_local_experts);
   // The map, the ids and the row counts in one device-to-host read.
   const std::vector<int64_t> v =
       host_values(at::cat({map_extremes(expert_rank, expert_local), routing.summary}));
@@ -326,18 +335,18 @@ std::vector<DispatchStarted> dispatch_start_chunks(const at::Tensor& x, const at
   const auto id_chunks = topk_ids.tensor_split(num_chunks);
   const auto weight_chunks = topk_weights.tensor_split(num_chunks);
 
-  // Every chunk's routing, the map's bounds and all row counts: one device-to-host read.
+  // Every chunk's routing and row counts: one device-to-host read.
   std::vector<Routing> routings;
-  std::vector<at::Tensor> to_read{map_extremes(expert_rank, expert_local)};
+  std::vector<at::Tensor> to_read;
   for (int64_t c = 0; c < num_chunks; ++c) {
-    routings.push_back(route_choices(id_chunks[c], expert_rank, expert_local, world, slot_width));
+    routings.push_back(
+        route_choices(id_chunks[c], expert_rank, expert_local, world, num_local_experts));
     to_read.push_back(routings.back().summary);
   }
   const std::vector<int64_t> local_values = host_values(at::cat(to_read));
-  check_map_extremes(local_values.data(), world, num_local_experts);
   std::vector<const int64_t*> summaries;
   for (int64_t c = 0; c < num_chunks; ++c)
-    summaries.push_back(local_values.data() + kMapExtremes + c * (2 * world + 1));
+    summaries.push_back(local_values.data() + c * (2 * world + 1));
 
   // One header exchange for all chunks: then every chunk's rows can travel at once.
   const std::vector<int64_t> header = exchange_headers(
@@ -441,6 +450,9 @@ void check_status(const at::Tensor& status, int64_t hidden, int64_t num_experts,
   const at::Tensor host = status.to(at::kCPU, at::kLong).contiguous();
   const int64_t* v = host.data_ptr<int64_t>();
   for (int64_t peer = 0; peer < host.size(0); ++peer, v += kStatusSize) {
+    TORCH_CHECK(!(v[kStatusErrors] & kBadMap), "moe_ep: dispatch: rank ", peer, " passed an ",
+                "expert map (arguments 'expert_rank', 'expert_local') with a rank outside [0, ",
+                host.size(0), ") or a local expert id outside [0, num_local_experts)");
     TORCH_CHECK(!(v[kStatusErrors] & kIdOutOfRange), "moe_ep: dispatch: rank ", peer,
                 " passed an argument 'topk_ids' with an expert id outside [0, ", v[kStatusExperts],
                 ")");
@@ -467,16 +479,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_capacity_sta
   const int64_t num_tokens = topk_ids.size(0), top_k = topk_ids.size(1);
   const int64_t num_experts = expert_rank.size(0);
   const int64_t width = std::min(top_k, num_local_experts);
-  if (!x.is_cuda()) {
-    check_map_extremes(host_values(map_extremes(expert_rank, expert_local)).data(), world,
-                       num_local_experts);
-  }
   const int64_t rows = world * capacity, trash = rows;  // one spare row absorbs what is not sent
   const auto long_options = topk_ids.options().dtype(at::kLong);
 
-  // Misuse (ids outside the map, too many choices on one rank) is clamped into bounds by
-  // route_choices and reported to every rank through status.
-  const Routing r = route_choices(topk_ids, expert_rank, expert_local, world, width);
+  // Misuse (ids outside the map, too many choices on one rank, a bad map) is clamped into
+  // bounds by route_choices and reported to every rank through status.
+  const Routing r = route_choices(topk_ids, expert_rank, expert_local, world, num_local_experts);
   const at::Tensor token_index =
       at::arange(num_tokens, long_options).unsqueeze(1).expand_as(r.dest);
   const at::Tensor slot_in_dest = r.goes_to.cumsum(1) - 1;
