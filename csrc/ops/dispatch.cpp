@@ -105,7 +105,9 @@ Routing route_choices(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
       expert_local.index_select(0, ids).clamp(0, num_local_experts - 1).view({num_tokens, top_k});
   const at::Tensor earlier = at::ones({top_k, top_k}, long_options.dtype(at::kBool)).tril(-1);
   r.position = ((r.dest.unsqueeze(2) == r.dest.unsqueeze(1)) & earlier).sum(2);
-  const at::Tensor token_index = at::arange(num_tokens, long_options).repeat_interleave(top_k);
+  // (Expanded, not repeat_interleave: no device-to-host read inside a captured CUDA graph.)
+  const at::Tensor token_index =
+      at::arange(num_tokens, long_options).unsqueeze(1).expand({num_tokens, top_k}).reshape({-1});
   r.goes_to = at::zeros({world_size, num_tokens}, long_options);
   r.goes_to.index_put_({r.dest.reshape({-1}), token_index}, at::ones({1}, long_options));
   const at::Tensor pairs =
