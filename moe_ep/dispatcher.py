@@ -9,6 +9,7 @@ with the routing weights and sends back one row per (token, rank).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -157,9 +158,10 @@ class ExpertPlacement:
     def expert_local(self) -> torch.Tensor:
         return self.slot_local
 
-    @property
+    @cached_property
     def num_local_experts(self) -> int:
-        """The most slots any rank hosts (the receive-side slot count)."""
+        """The most slots any rank hosts (the receive-side slot count). Computed once per
+        placement: on a CUDA map it is a device-to-host read, and every dispatch needs it."""
         return max(1, int(torch.bincount(self.slot_rank.long(), minlength=self.world_size).max()))
 
     def local_slots(self, rank: int) -> list[int]:
