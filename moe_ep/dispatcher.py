@@ -312,20 +312,18 @@ def check_status(status: torch.Tensor, capacity: int) -> None:
     hidden size, number of experts, misuse bits), the same on every rank."""
     status = status.cpu().long()
     for bit, what in (
-        (1, "with an expert id outside the expert map"),
-        (2, "where a token has more choices on one rank than 'num_local_experts' allows"),
+        (4, "argument 'expert_rank' (the expert map) with a rank outside the group"),
+        (8, "argument 'expert_local' (the expert map) with a local expert id out of range"),
+        (1, "argument 'topk_ids' with an expert id outside the expert map"),
+        (
+            2,
+            "argument 'topk_ids' where a token has more choices on one rank than "
+            "'num_local_experts' allows",
+        ),
     ):
         bad = (status[:, 3] & bit).nonzero().view(-1).tolist()
         if bad:
-            raise RuntimeError(
-                f"moe_ep: dispatch: rank(s) {bad} passed an argument 'topk_ids' {what}"
-            )
-    bad = (status[:, 3] & 4).nonzero().view(-1).tolist()
-    if bad:
-        raise RuntimeError(
-            f"moe_ep: dispatch: rank(s) {bad} passed an expert map (arguments 'expert_rank', "
-            "'expert_local') with a rank or a local expert id out of range"
-        )
+            raise RuntimeError(f"moe_ep: dispatch: rank(s) {bad} passed an {what}")
     for column, what in ((1, "hidden size (argument 'x')"), (2, "number of experts")):
         if status[:, column].unique().numel() > 1:
             raise RuntimeError(

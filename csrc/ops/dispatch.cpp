@@ -54,22 +54,6 @@ std::vector<int64_t> host_values(const at::Tensor& t) {
   return {host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel()};
 }
 
-// The map's extremes on the device, int64 [4]: rank min and max, local id min and max. They
-// are read together with the routing summaries and checked by check_map_extremes.
-at::Tensor map_extremes(const at::Tensor& expert_rank, const at::Tensor& expert_local) {
-  return at::stack({expert_rank.min(), expert_rank.max(), expert_local.min(), expert_local.max()})
-      .to(at::kLong);
-}
-
-void check_map_extremes(const int64_t* v, int64_t world_size, int64_t num_local_experts) {
-  TORCH_CHECK(v[0] >= 0 && v[1] < world_size, "moe_ep: argument 'expert_rank' must hold ranks ",
-              "in [0, ", world_size, "), got values in [", v[0], ", ", v[1], "]");
-  TORCH_CHECK(v[2] >= 0 && v[3] < num_local_experts, "moe_ep: argument 'expert_local' must ",
-              "hold local expert ids in [0, num_local_experts=", num_local_experts,
-              "), got values in [", v[2], ", ", v[3], "]");
-}
-constexpr int64_t kMapExtremes = 4;
-
 // Where each (token, choice) pair goes, computed on the device without reading anything back.
 // `summary` gathers what the host needs in one int64 vector: rows per rank [world], pairs per
 // rank [world], then one word of Error bits. Out-of-range ids and map entries are clamped so
@@ -84,7 +68,23 @@ struct Routing {
 
 // Misuse that a rank finds in its own arguments; it travels in the header so that every rank
 // raises, not only the one that found it.
-enum Error : int64_t { kIdOutOfRange = 1, kTooManyChoices = 2, kBadMap = 4 };
+enum Error : int64_t { kIdOutOfRange = 1, kTooManyChoices = 2, kBadRank = 4, kBadLocal = 8 };
+
+// Raises for the Error bits found in the arguments of `source`: "" for this call's own, or
+// peer_source(p) for those of rank p.
+void check_errors(int64_t errors, const std::string& source, int64_t world_size,
+                  int64_t num_experts) {
+  TORCH_CHECK(!(errors & kBadRank), "moe_ep: ", source, "argument 'expert_rank' (the expert ",
+              "map) holds a rank outside [0, ", world_size, ")");
+  TORCH_CHECK(!(errors & kBadLocal), "moe_ep: ", source, "argument 'expert_local' (the expert ",
+              "map) holds a local expert id outside [0, num_local_experts)");
+  TORCH_CHECK(!(errors & kIdOutOfRange), "moe_ep: ", source, "argument 'topk_ids' holds an ",
+              "expert id outside [0, ", num_experts, ")");
+  TORCH_CHECK(!(errors & kTooManyChoices), "moe_ep: ", source, "argument 'topk_ids' gives a ",
+              "token more choices on one rank than 'num_local_experts' allows");
+}
+
+std::string peer_source(int64_t peer) { return "dispatch: rank " + std::to_string(peer) + "'s "; }
 
 Routing route_choices(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
                       const at::Tensor& expert_local, int64_t world_size,
@@ -113,11 +113,11 @@ Routing route_choices(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
   const at::Tensor pairs =
       at::zeros({world_size}, long_options)
           .index_add_(0, r.dest.reshape({-1}), at::ones({num_tokens * top_k}, long_options));
-  const at::Tensor bad_map = (expert_rank < 0).any() | (expert_rank >= world_size).any() |
-                             (expert_local < 0).any() | (expert_local >= num_local_experts).any();
+  const at::Tensor bad_rank = (expert_rank < 0).any() | (expert_rank >= world_size).any();
+  const at::Tensor bad_local = (expert_local < 0).any() | (expert_local >= num_local_experts).any();
   const at::Tensor errors = bad_ids.any().to(at::kLong) * kIdOutOfRange +
                             (r.position >= slot_width).any().to(at::kLong) * kTooManyChoices +
-                            bad_map.to(at::kLong) * kBadMap;
+                            bad_rank.to(at::kLong) * kBadRank + bad_local.to(at::kLong) * kBadLocal;
   r.summary = at::cat({r.goes_to.sum(1), pairs, errors.reshape({1})});
   return r;
 }
@@ -130,8 +130,9 @@ Layout finish_layout(const Routing& r, int64_t rows, int64_t slot_width) {
   const at::Tensor goes = r.goes_to.reshape({-1});
   const at::Tensor row_index = goes.cumsum(0) - 1;  // row of each (rank, token) pair if sent
   Layout layout;
-  layout.send_counts = r.goes_to.sum(1);
-  layout.entry_counts = r.summary.narrow(0, world_size, world_size).clone();  // own storage
+  // Copies: the outputs of dispatch_layout may not share storage.
+  layout.send_counts = r.summary.narrow(0, 0, world_size).clone();
+  layout.entry_counts = r.summary.narrow(0, world_size, world_size).clone();
   // Pairs that are not sent all write to a spare last row, dropped afterwards.
   layout.send_token = at::empty({rows + 1}, long_options);
   layout.send_token.index_put_({at::where(goes > 0, row_index, rows)},
@@ -238,14 +239,7 @@ std::vector<int64_t> exchange_headers(const c10::intrusive_ptr<c10d::ProcessGrou
   const std::vector<int64_t> values = host_values(received);
   for (int64_t peer = 0; peer < world; ++peer) {
     const int64_t* row = values.data() + peer * header_size;
-    TORCH_CHECK(!(row[kErrors] & kBadMap), "moe_ep: dispatch: rank ", peer, " passed an expert ",
-                "map (arguments 'expert_rank', 'expert_local') with a rank outside [0, ", world,
-                ") or a local expert id outside [0, num_local_experts)");
-    TORCH_CHECK(!(row[kErrors] & kIdOutOfRange), "moe_ep: dispatch: rank ", peer, " passed an ",
-                "argument 'topk_ids' with an expert id outside [0, ", row[kExperts], ")");
-    TORCH_CHECK(!(row[kErrors] & kTooManyChoices), "moe_ep: dispatch: rank ", peer, " passed an ",
-                "argument 'topk_ids' where a token has more choices on one rank than ",
-                "'num_local_experts' allows");
+    check_errors(row[kErrors], peer_source(peer), world, row[kExperts]);
     TORCH_CHECK(row[kHidden] == hidden, "moe_ep: dispatch: ranks disagree on the hidden size ",
                 "(argument 'x'): rank ", peer, " has ", row[kHidden], ", rank ", group->getRank(),
                 " has ", hidden);
@@ -305,17 +299,12 @@ dispatch_layout_impl(const at::Tensor& topk_ids, const at::Tensor& expert_rank,
   const int64_t slot_width = std::min(topk_ids.size(1), num_local_experts);
   const Routing routing =
       route_choices(topk_ids, expert_rank, expert_local, world_size, num_local_experts);
-  // The map, the ids and the row counts in one device-to-host read.
-  const std::vector<int64_t> v =
-      host_values(at::cat({map_extremes(expert_rank, expert_local), routing.summary}));
-  check_map_extremes(v.data(), world_size, num_local_experts);
-  const int64_t* summary = v.data() + kMapExtremes;
-  TORCH_CHECK(!(summary[2 * world_size] & kIdOutOfRange), "moe_ep: argument 'topk_ids' holds ",
-              "an expert id outside [0, ", expert_rank.size(0), ")");
-  TORCH_CHECK(!(summary[2 * world_size] & kTooManyChoices), "moe_ep: argument 'topk_ids': a ",
-              "token has more choices on one rank than 'num_local_experts' allows");
+  // The row counts and the misuse bits in one device-to-host read.
+  const std::vector<int64_t> summary = host_values(routing.summary);
+  check_errors(summary[2 * world_size], "", world_size, expert_rank.size(0));
   const Layout l = finish_layout(
-      routing, std::accumulate(summary, summary + world_size, int64_t{0}), slot_width);
+      routing, std::accumulate(summary.begin(), summary.begin() + world_size, int64_t{0}),
+      slot_width);
   return {l.send_counts,    l.entry_counts, l.send_token,
           l.send_local_ids, l.send_choice,  l.token_slot};
 }
@@ -452,15 +441,7 @@ void check_status(const at::Tensor& status, int64_t hidden, int64_t num_experts,
   const at::Tensor host = status.to(at::kCPU, at::kLong).contiguous();
   const int64_t* v = host.data_ptr<int64_t>();
   for (int64_t peer = 0; peer < host.size(0); ++peer, v += kStatusSize) {
-    TORCH_CHECK(!(v[kStatusErrors] & kBadMap), "moe_ep: dispatch: rank ", peer, " passed an ",
-                "expert map (arguments 'expert_rank', 'expert_local') with a rank outside [0, ",
-                host.size(0), ") or a local expert id outside [0, num_local_experts)");
-    TORCH_CHECK(!(v[kStatusErrors] & kIdOutOfRange), "moe_ep: dispatch: rank ", peer,
-                " passed an argument 'topk_ids' with an expert id outside [0, ", v[kStatusExperts],
-                ")");
-    TORCH_CHECK(!(v[kStatusErrors] & kTooManyChoices), "moe_ep: dispatch: rank ", peer,
-                " passed an argument 'topk_ids' where a token has more choices on one rank ",
-                "than 'num_local_experts' allows");
+    check_errors(v[kStatusErrors], peer_source(peer), host.size(0), v[kStatusExperts]);
     TORCH_CHECK(v[kStatusHidden] == hidden, "moe_ep: dispatch: ranks disagree on the hidden ",
                 "size (argument 'x'): rank ", peer, " has ", v[kStatusHidden], ", rank ", rank,
                 " has ", hidden);

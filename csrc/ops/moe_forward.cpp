@@ -60,7 +60,6 @@ at::Tensor moe_forward_impl(const at::Tensor& x, const at::Tensor& topk_ids,
                             const at::Tensor& w13, const at::Tensor& w2,
                             std::string_view activation, int64_t num_chunks,
                             std::string_view group_name) {
-  check_dim(x, 2, "x");
   check_dim(w13, 3, "w13");
   TORCH_CHECK(w13.size(0) <= num_local_experts, "moe_ep: argument 'w13' holds ", w13.size(0),
               " experts, more than num_local_experts=", num_local_experts);

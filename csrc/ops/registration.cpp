@@ -46,7 +46,7 @@ TORCH_LIBRARY(moe_ep, m) {
   // expert, zero-padded; expert_counts int64 [L]; recv_row_of int32 [M, W]; recv_weights
   // float32 [M, W]; token_slot int32 [T, k]; status int32 [world, 4]: per source rank its
   // overflow (pairs not sent), hidden size, expert count, misuse bits: 1 id out of range, 2 more
-  // choices on one rank than num_local_experts, 4 map entry out of range).
+  // choices on one rank than num_local_experts, 4 / 8 expert_rank / expert_local out of range).
   // Combine it with recv_counts = send_counts = [capacity] * world.
   m.def(
       "dispatch_capacity(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor expert_rank, "
