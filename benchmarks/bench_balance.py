@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from moe_ep import LoadBalancer, MoELayer, plan
 from moe_ep.balance import migration_transfers
-from moe_ep.dispatcher import ExpertPlacement
+from moe_ep.placement import ExpertPlacement
 
 
 def parse_args() -> argparse.Namespace:

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from moe_ep import dispatcher  # noqa: E402
-from moe_ep.dispatcher import ExpertPlacement  # noqa: E402
+from moe_ep.placement import ExpertPlacement  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

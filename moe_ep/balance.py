@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 from moe_ep import plan
-from moe_ep.dispatcher import ExpertPlacement
 from moe_ep.layer import MoELayer
+from moe_ep.placement import ExpertPlacement
 
 __all__ = ["LoadBalancer", "Migration", "migration_transfers"]
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moe_ep import MoELayer, dispatcher, ops, reference
-from moe_ep.dispatcher import ExpertPlacement
+from moe_ep.placement import ExpertPlacement
 
 SEEDS = {"hidden": 7168, "ffn": 2048, "experts": 64, "topk": 2, "tokens": 4096}
 CPU_SCALED = {"hidden": 512, "ffn": 128, "experts": 64, "topk": 2, "tokens": 256}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_ep import dispatcher, ops, pipeline
-from moe_ep.dispatcher import ExpertPlacement
+from moe_ep.placement import ExpertPlacement, map_to_slots
 
 
 class MoELayer(nn.Module):
@@ -182,7 +182,7 @@ class MoELayer(nn.Module):
 
     def slot_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """The physical slots that this rank's (token, choice) pairs go to."""
-        return dispatcher.map_to_slots(topk_ids, self.placement, self.group.rank())
+        return map_to_slots(topk_ids, self.placement, self.group.rank())
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """float32 [T, E] logits of the flattened tokens."""

@@ -28,18 +28,36 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from moe_ep.layer import MoELayer
 
 OverlapFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
 
+class ExpertParallelPhases(Protocol):
+    """The phases of one expert-parallel layer that the schedule interleaves (MoELayer has
+    them); the pipeline needs nothing else of a layer."""
+
+    dispatch_status: list[torch.Tensor]
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def start_dispatch(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> Any: ...
+
+    def finish_dispatch(
+        self, pending: Any, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> Any: ...
+
+    def local_experts(self, received: Any) -> torch.Tensor: ...
+
+    def start_combine(self, y: torch.Tensor, received: Any) -> Any: ...
+
+
 def _chunk_task(
-    layer: MoELayer, x: torch.Tensor, chunk: int, overlap_fn: OverlapFn | None
+    layer: ExpertParallelPhases, x: torch.Tensor, chunk: int, overlap_fn: OverlapFn | None
 ) -> Generator[None, None, torch.Tensor]:
     topk_ids, topk_weights = layer.route(x)
     pending = layer.start_dispatch(x, topk_ids, topk_weights)
@@ -53,7 +71,7 @@ def _chunk_task(
 
 
 def stream_layers(
-    layers: Sequence[MoELayer],
+    layers: Sequence[ExpertParallelPhases],
     x: torch.Tensor,
     num_chunks: int,
     overlap_fn: OverlapFn | None = None,
@@ -101,7 +119,7 @@ def stream_layers(
 
 
 def moe_forward(
-    layer: MoELayer,
+    layer: ExpertParallelPhases,
     x: torch.Tensor,
     num_chunks: int = 2,
     overlap_fn: OverlapFn | None = None,

@@ -15,7 +15,7 @@ from ep_worker import FFN, HIDDEN, full_weights  # noqa: E402
 
 import moe_ep  # noqa: E402
 from moe_ep import reference  # noqa: E402
-from moe_ep.dispatcher import ExpertPlacement  # noqa: E402
+from moe_ep.placement import ExpertPlacement  # noqa: E402
 
 
 def make_layer(experts, dtype, gate, w13, w2, **kwargs):

@@ -14,8 +14,9 @@ from conftest import assert_close_relative, process_group  # noqa: E402
 
 import moe_ep  # noqa: E402
 from moe_ep import reference  # noqa: E402
-from moe_ep.dispatcher import ExpertPlacement, dispatch_layout  # noqa: E402
+from moe_ep.dispatcher import dispatch_layout
 from moe_ep.pipeline import moe_forward, stream_layers  # noqa: E402
+from moe_ep.placement import ExpertPlacement  # noqa: E402
 
 HIDDEN, FFN = 32, 16
 

@@ -11,7 +11,7 @@ from balance_worker import worker
 
 import moe_ep
 from moe_ep import plan
-from moe_ep.dispatcher import ExpertPlacement, map_to_slots
+from moe_ep.placement import ExpertPlacement, map_to_slots
 
 
 def planned_layer(experts, world, loads, redundant=-1):

@@ -34,7 +34,8 @@ def test_expert_parallel_nccl(tmp_path):
 
 
 def test_dispatch_layout_single_process():
-    from moe_ep.dispatcher import ExpertPlacement, dispatch_layout
+    from moe_ep.dispatcher import dispatch_layout
+    from moe_ep.placement import ExpertPlacement
 
     placement = ExpertPlacement.from_ranks([0, 0, 1, 1, 2, 2], world_size=4)
     ids = torch.tensor([[0, 1], [2, 4], [5, 3], [1, 0]], dtype=torch.int32)

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from moe_ep import dispatcher
-from moe_ep.dispatcher import ExpertPlacement
+from moe_ep.placement import ExpertPlacement
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "bindings/bindings.h"
+#include "ops/host_reads.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "moe_ep native core: torch.ops.moe_ep operators and the torch-free planners";
@@ -12,6 +13,10 @@ PYBIND11_MODULE(_C, m) {
 #else
       false;
 #endif
+  m.def("host_reads", &moe_ep::ops::host_reads,
+        "Device-to-host reads made by moe_ep since import (moe_ep.debug.host_reads).");
+  m.def("count_host_read", &moe_ep::ops::count_host_read,
+        "Counts one host read made by moe_ep's Python code.");
   moe_ep::bindings::bind_placement(m);
   moe_ep::bindings::bind_perf(m);
 }
