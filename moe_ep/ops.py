@@ -50,7 +50,7 @@ def route(
 
 
 def permute(
-    hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
+    hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, check_ids: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Groups each token's k copies by expert (stable: token order within an expert).
 
@@ -58,6 +58,9 @@ def permute(
         hidden: [T, H] hidden states.
         topk_ids: int32 or int64 [T, k], each in [0, num_experts).
         num_experts: E.
+        check_ids: raise for ids outside [0, E) (one device-to-host read on CUDA); False
+            for ids from route, which are in range (an id outside is then left out: its
+            row_of is -1 and the rows of permuted are fewer than T*k).
 
     Returns:
         permuted: [T*k, H], rows of expert e at expert_offsets[e]:expert_offsets[e+1].
@@ -65,7 +68,7 @@ def permute(
         row_of: int32 [T, k], the row of permuted that holds copy (t, j): the index that
             unpermute needs to undo the permutation.
     """
-    return torch.ops.moe_ep.permute(hidden, topk_ids, num_experts)
+    return torch.ops.moe_ep.permute(hidden, topk_ids, num_experts, check_ids)
 
 
 def expert_ffn(
@@ -133,7 +136,7 @@ def _route_fake(
 
 
 @torch.library.register_fake("moe_ep::permute")
-def _permute_fake(hidden, topk_ids, num_experts):
+def _permute_fake(hidden, topk_ids, num_experts, check_ids=True):
     rows = topk_ids.shape[0] * topk_ids.shape[1]
     return (
         hidden.new_empty((rows, hidden.shape[1])),

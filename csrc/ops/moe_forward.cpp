@@ -5,7 +5,8 @@
 // Starting every dispatch before any expert matters twice. On CUDA, c10d orders a NCCL
 // collective after the work already queued on the current stream, so a dispatch issued after
 // an expert GEMM would wait for it; and the counts of all chunks reach the host in one read
-// instead of one per chunk. The experts and the combines go through the dispatcher, so
+// instead of one per chunk (the header is the layer's one host read). The experts and the
+// combines go through the dispatcher, so
 // CPU/Gloo and CUDA/NCCL take the same path. moe_ep.pipeline has the same schedule in Python
 // for what an op cannot take: a caller's hook, fixed-capacity fallback, layer streams.
 #include <ATen/ATen.h>
@@ -60,13 +61,18 @@ at::Tensor moe_forward_impl(const at::Tensor& x, const at::Tensor& topk_ids,
                             const at::Tensor& w13, const at::Tensor& w2,
                             std::string_view activation, int64_t num_chunks,
                             std::string_view group_name) {
-  check_dim(w13, 3, "w13");
-  TORCH_CHECK(w13.size(0) <= num_local_experts, "moe_ep: argument 'w13' holds ", w13.size(0),
-              " experts, more than num_local_experts=", num_local_experts);
+  // The weights are checked before the dispatch's header exchange and travel in it: a bad
+  // w13 on one rank raises on every rank.
+  ArgProblem problem;
+  validate(problem, Arg::kW13, [&] {
+    check_dim(w13, 3, "w13");
+    TORCH_CHECK(w13.size(0) <= num_local_experts, "moe_ep: argument 'w13' holds ", w13.size(0),
+                " experts, more than num_local_experts=", num_local_experts);
+  });
   const Ops& op = ops();
   const std::vector<DispatchStarted> started =
       dispatch_start_chunks(x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts,
-                            num_chunks, group_name);
+                            num_chunks, group_name, std::move(problem));
   std::vector<at::Tensor> returning;
   returning.reserve(num_chunks);
   for (const auto& [x_recv, meta_recv, recv_counts, send_counts, token_slot, entries] : started) {
