@@ -15,9 +15,12 @@ import torch.distributed as dist
 
 import moe_ep._C
 from moe_ep import debug
-from moe_ep.placement import ExpertPlacement
+from moe_ep.placement import ExpertPlacement, map_to_slots
 
 __all__ = [
+    # Re-exported: their home until moe_ep.placement took them (2026-11-30).
+    "ExpertPlacement",
+    "map_to_slots",
     "DispatchLayout",
     "Dispatched",
     "CapacityDispatched",

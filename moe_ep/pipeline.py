@@ -101,6 +101,19 @@ def run_layer(
     return routed, torch.cat(parts)
 
 
+def moe_forward(
+    layer: ExpertParallelPhases,
+    x: torch.Tensor,
+    num_chunks: int = 2,
+    overlap_fn: OverlapFn | None = None,
+) -> torch.Tensor:
+    """One expert-parallel layer over x [T, H] (routed here) in num_chunks overlapped
+    chunks; fixed-capacity statuses are handled as the layer's on_overflow says."""
+    slots, topk_weights = layer.route_slots(x)
+    routed, extra = run_layer(layer, x, slots, topk_weights, num_chunks, overlap_fn)
+    return _checked([layer], x, routed if extra is None else routed + extra, overlap_fn)
+
+
 def _chunk_task(
     layer: ExpertParallelPhases, x: torch.Tensor, chunk: int, overlap_fn: OverlapFn | None
 ) -> Generator[None, None, torch.Tensor]:
