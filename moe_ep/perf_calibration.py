@@ -301,3 +301,95 @@ def _check_reproduced(calibration: dict, constants: dict[str, Constant]) -> None
                 f"{predicted * 1e6:.3f} us, the figure {measured * 1e6:.3f} us; the regime its "
                 "derivation assumed does not hold"
             )
+
+
+# ----------------------------------------------------------------------------- moe_ep's benchmarks
+
+BENCHMARK_RATES = (
+    "matmul_flops_per_s",
+    "memory_bytes_per_s",
+    "intra_node_bytes_per_s",
+    "inter_node_bytes_per_s",
+)
+
+
+def _positive_rates(path: str, data: dict) -> dict:
+    rates = data.get("rates", data if "rows" not in data else {})
+    unknown = set(rates) - set(BENCHMARK_RATES)
+    if unknown:
+        raise ValueError(f"calibration file {path}: unknown keys {sorted(unknown)}")
+    for key, value in rates.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ValueError(f"calibration file {path}: {key} must be a positive number")
+    return rates
+
+
+def _achieved(rate: float, nominal: float, rate_field: str, efficiency_field: str) -> dict:
+    """A measured rate as an efficiency of the nominal one; above it, the nominal one is wrong
+    for this device and the measurement replaces it."""
+    if rate > nominal:
+        return {rate_field: rate, efficiency_field: 1.0}
+    return {efficiency_field: rate / nominal}
+
+
+def fit_benchmark(path: str, hardware: dict) -> dict:
+    """Hardware fields measured by a `bench_local.py --json` file (or a plain {"rates": ...}).
+
+    `hardware` holds the fields the fit starts from (peak_flops_bf16, memory_bandwidth,
+    intra/inter_node_bandwidth, gemm_half_rows, gemm_half_depth). Returns the fields to replace:
+    memory and link efficiencies from the measured rates; gemm_peak_efficiency and
+    gemm_half_rows from a least-squares fit of 1 / efficiency against 1 / rows over the
+    compute-bound expert-FFN rows and the dense matmul (BF16), the depth factor K / (K + K0)
+    taken out first (gate/up have K = hidden, two thirds of the FLOPs; down has K = ffn)."""
+    with open(path) as f:
+        data = json.load(f)
+    rates = _positive_rates(path, data)
+    changes: dict = {}
+    links = (
+        ("memory_bytes_per_s", "memory_bandwidth", "memory_efficiency"),
+        ("intra_node_bytes_per_s", "intra_node_bandwidth", "intra_node_efficiency"),
+        ("inter_node_bytes_per_s", "inter_node_bandwidth", "inter_node_efficiency"),
+    )
+    for key, rate_field, efficiency_field in links:
+        if key in rates:
+            changes.update(_achieved(rates[key], hardware[rate_field], rate_field, efficiency_field))
+
+    peak, half_depth = hardware["peak_flops_bf16"], hardware["gemm_half_depth"]
+
+    def depth_factor(depth: float) -> float:
+        return depth / (depth + half_depth)
+
+    points = []  # (rows, efficiency with the depth factor taken out)
+    if "matmul_flops_per_s" in rates:
+        size = data.get("args", {}).get("mm_size") or 8192
+        points.append((size, rates["matmul_flops_per_s"] / (peak * depth_factor(size))))
+    copy_rate = rates.get("memory_bytes_per_s")
+    for row in data.get("rows", []):
+        if row.get("op") not in ("expert_ffn", "ffn_local") or not row.get("flops"):
+            continue
+        seconds = row["ms ours"] * 1e-3
+        if copy_rate and row["bytes"] / copy_rate > 0.5 * seconds:
+            continue  # bound by reading the weights, not by the tensor cores
+        spread = (2.0 / 3.0) / depth_factor(row["H"]) + (1.0 / 3.0) / depth_factor(row["F"])
+        points.append((row["rows/exp"], row["flops"] / seconds / peak * spread))
+    if not points:
+        return changes
+    if len({rows for rows, _ in points}) >= 2:
+        xs = [1.0 / rows for rows, _ in points]
+        ys = [1.0 / efficiency for _, efficiency in points]
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum(
+            (x - mean_x) ** 2 for x in xs
+        )
+        intercept = mean_y - slope * mean_x
+        peak_efficiency, half_rows = 1.0 / intercept, max(0.0, slope / intercept)
+    else:
+        rows, efficiency = points[0]
+        half_rows = hardware["gemm_half_rows"]
+        peak_efficiency = efficiency * (rows + half_rows) / rows
+    if peak_efficiency > 1.0:  # a faster device than the preset's datasheet
+        changes["peak_flops_bf16"] = peak * peak_efficiency
+        peak_efficiency = 1.0
+    changes["gemm_peak_efficiency"] = peak_efficiency
+    changes["gemm_half_rows"] = half_rows
+    return changes
