@@ -316,7 +316,8 @@ def _plan(model: Model, ep: int, gpus_per_node: int, skew: float, policy: str) -
         bytes_per_expert=planner.gated_ffn_bytes(model.hidden, model.expert_ffn_hidden),
     )
     cluster = planner.Cluster(
-        num_nodes=max(1, ep // gpus_per_node), gpus_per_node=min(ep, gpus_per_node),
+        num_nodes=max(1, ep // gpus_per_node),
+        gpus_per_node=min(ep, gpus_per_node),
         gpu_memory_bytes=0,
     )
     loads = planner.zipf_loads(moe_layers, model.num_experts, skew)
@@ -341,7 +342,11 @@ def sweep(
         strategy = parse_strategy(f"ep{ep}tp{min(tp, ep)}")
         scaled = dataclasses.replace(workload, batch=per_gpu_batch * strategy.num_gpus)
         point = {"ep": ep, "gpus": strategy.num_gpus}
-        for label, policy in (("uniform", None), ("planner", "balanced"), ("no_planner", "sequential")):
+        for label, policy in (
+            ("uniform", None),
+            ("planner", "balanced"),
+            ("no_planner", "sequential"),
+        ):
             placed = strategy
             if policy:
                 plan = _plan(model, ep, hw.gpus_per_node, skew, policy)
@@ -371,15 +376,20 @@ def plot_sweeps(sweeps: dict, path: str, title: str) -> None:
     fig, axes = plt.subplots(1, len(sweeps), figsize=(4.6 * len(sweeps), 3.8), squeeze=False)
     for axis, (name, points) in zip(axes[0], sweeps.items(), strict=True):
         eps = [pt["ep"] for pt in points]
-        styles = (("uniform", "k:", "uniform load"), ("planner", "o-", "Zipf, planner"),
-                  ("no_planner", "s--", "Zipf, no planner"))
+        styles = (
+            ("uniform", "k:", "uniform load"),
+            ("planner", "o-", "Zipf, planner"),
+            ("no_planner", "s--", "Zipf, no planner"),
+        )
         for key, style, label in styles:
             axis.plot(eps, [pt[f"{key}_tokens_per_s"] for pt in points], style, label=label)
         base = points[0]["uniform_tokens_per_s"] / points[0]["gpus"]
-        axis.plot(eps, [base * pt["gpus"] for pt in points], color="grey", lw=0.8,
-                  label="linear from EP8")
-        axis.set(xscale="log", yscale="log", xlabel="EP width (GPUs)", ylabel="tokens/s",
-                 title=name)
+        axis.plot(
+            eps, [base * pt["gpus"] for pt in points], color="grey", lw=0.8, label="linear from EP8"
+        )
+        axis.set(
+            xscale="log", yscale="log", xlabel="EP width (GPUs)", ylabel="tokens/s", title=name
+        )
         axis.set_xticks(eps, [str(ep) for ep in eps])
         axis.legend(fontsize=7)
     fig.suptitle(title, fontsize=8)
@@ -394,8 +404,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--model", default="seeds", choices=sorted(MODELS))
     parser.add_argument("--hardware", default="h100", choices=sorted(HARDWARE))
-    parser.add_argument("--transport", default="nccl", choices=sorted(TRANSPORTS),
-                        help="all-to-all implementation (default: NCCL, moe_ep's own)")
+    parser.add_argument(
+        "--transport",
+        default="nccl",
+        choices=sorted(TRANSPORTS),
+        help="all-to-all implementation (default: NCCL, moe_ep's own)",
+    )
     parser.add_argument("--calibrate", metavar="JSON", help="bench_local.py --json output")
     parser.add_argument("--strategy", default="ep16tp8", help="e.g. tp8pp2, ep16tp8, seeds3904")
     parser.add_argument("--compare", help="comma-separated strategies, the first is the baseline")
@@ -404,19 +418,26 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=float, default=2048, help="prompt or context length")
     parser.add_argument("--draft-tokens", type=int, default=0, help="decode: MTP drafts per step")
     parser.add_argument("--acceptance", type=float, default=0.0, help="decode: draft acceptance")
-    parser.add_argument("--disaggregated", action="store_true",
-                        help="prefill: the KV cache leaves for decode nodes")
+    parser.add_argument(
+        "--disaggregated", action="store_true", help="prefill: the KV cache leaves for decode nodes"
+    )
     parser.add_argument("--nodes", type=int, help="nodes in the cluster (default: as needed)")
     parser.add_argument("--imbalance", type=float, default=1.0, help="expert load max/mean")
     parser.add_argument("--link-imbalance", type=float, default=1.0, help="link load max/mean")
-    parser.add_argument("--attention-imbalance", type=float, default=1.0,
-                        help="DP attention time max/mean")
-    parser.add_argument("--placement", metavar="JSON",
-                        help="a plan from python -m moe_ep.plan: its per-GPU and per-link "
-                        "imbalance and replica slots replace --imbalance/--link-imbalance")
-    parser.add_argument("--sweep", action="store_true",
-                        help="EP 8..256 for the seeds' model and DeepSeek-V3, with and without "
-                        "the planner")
+    parser.add_argument(
+        "--attention-imbalance", type=float, default=1.0, help="DP attention time max/mean"
+    )
+    parser.add_argument(
+        "--placement",
+        metavar="JSON",
+        help="a plan from python -m moe_ep.plan: its per-GPU and per-link "
+        "imbalance and replica slots replace --imbalance/--link-imbalance",
+    )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="EP 8..256 for the seeds' model and DeepSeek-V3, with and without the planner",
+    )
     parser.add_argument("--zipf", type=float, default=0.5, help="--sweep: expert load skew")
     parser.add_argument("--plot", help="PNG path for --sweep")
     parser.add_argument("--json", help="JSON path for --sweep or --compare")
@@ -489,8 +510,10 @@ def main(argv=None) -> int:
                 link_imbalance=link,
                 redundant_experts=max(0, slots - model.num_experts),
             )
-            print(f"placement {args.placement} for {name}: expert imbalance {expert:.3f}, "
-                  f"link imbalance {link:.3f}, {slots} slots per layer")
+            print(
+                f"placement {args.placement} for {name}: expert imbalance {expert:.3f}, "
+                f"link imbalance {link:.3f}, {slots} slots per layer"
+            )
         p = predict(model, hw, strategy, workload, transport, args.nodes)
         results.append((name, p))
         print(describe(name, p))

@@ -147,8 +147,13 @@ def derive_constants(calibration: dict | None = None) -> dict[str, Constant]:
     (_, bytes_a), (_, bytes_b) = (_gemm_work(fig[i]["config"]) for i in mem_ids)
     t_a, t_b = (figure_seconds(fig[i], h800) for i in mem_ids)
     rate, fixed = _two_point(bytes_b, t_b, bytes_a, t_a)
-    put("memory_efficiency", rate / h800["memory_bandwidth"], "fraction", mem_ids,
-        "two memory-bound GEMMs: t = fixed + bytes / (HBM x efficiency)")
+    put(
+        "memory_efficiency",
+        rate / h800["memory_bandwidth"],
+        "fraction",
+        mem_ids,
+        "two memory-bound GEMMs: t = fixed + bytes / (HBM x efficiency)",
+    )
     put("kernel_fixed_s", fixed, "s", mem_ids, "the same two GEMMs' intercept")
 
     # Compute-bound GEMMs: efficiency = FLOPs / ((t - fixed) x FP8 peak), then the curve's three
@@ -169,27 +174,55 @@ def derive_constants(calibration: dict | None = None) -> dict[str, Constant]:
     half_depth = k_c * k_d * (ratio_k - 1) / (k_d - ratio_k * k_c)
     half_rows = m_c * m_e * (ratio_m - 1) / (m_e - ratio_m * m_c)
     peak_eff = eff["c"] * (m_c + half_rows) / m_c * (k_c + half_depth) / k_c
-    put("gemm_half_depth", half_depth, "K", [ids["c"], ids["d"]],
-        "same rows, K 7168 vs 2048: ratio of K / (K + K0)")
-    put("gemm_half_rows", half_rows, "rows", [ids["c"], ids["e"]],
-        "same K, 8192 vs 256 rows per expert: ratio of M / (M + M0)")
-    put("gemm_peak_efficiency", peak_eff, "fraction", list(ids.values()),
-        "the 8192-row, K 7168 efficiency over its row and depth factors")
+    put(
+        "gemm_half_depth",
+        half_depth,
+        "K",
+        [ids["c"], ids["d"]],
+        "same rows, K 7168 vs 2048: ratio of K / (K + K0)",
+    )
+    put(
+        "gemm_half_rows",
+        half_rows,
+        "rows",
+        [ids["c"], ids["e"]],
+        "same K, 8192 vs 256 rows per expert: ratio of M / (M + M0)",
+    )
+    put(
+        "gemm_peak_efficiency",
+        peak_eff,
+        "fraction",
+        list(ids.values()),
+        "the 8192-row, K 7168 efficiency over its row and depth factors",
+    )
 
-    put("attention_memory_efficiency",
+    put(
+        "attention_memory_efficiency",
         fig["flashmla-decode-memory-bound"]["published"] * 1e9 / h800["memory_bandwidth"],
-        "fraction", ["flashmla-decode-memory-bound"], "3000 GB/s over the H800's 3.35 TB/s")
-    put("attention_compute_efficiency",
+        "fraction",
+        ["flashmla-decode-memory-bound"],
+        "3000 GB/s over the H800's 3.35 TB/s",
+    )
+    put(
+        "attention_compute_efficiency",
         fig["flashmla-decode-compute-bound"]["published"] * 1e12 / h800["peak_flops_bf16"],
-        "fraction", ["flashmla-decode-compute-bound"], "660 TFLOP/s over the BF16 peak")
+        "fraction",
+        ["flashmla-decode-compute-bound"],
+        "660 TFLOP/s over the BF16 peak",
+    )
 
     # NVLink: a bandwidth-bound and a latency-bound single-node all-to-all.
     nvl_ids = ["deepep-v1-ll-dispatch-ep8", "deepep-v1-normal-intranode-dispatch-ep8"]
     (nvl_small, _), (nvl_large, _) = (all_to_all_bytes(fig[i]["config"], h800) for i in nvl_ids)
     t_small, t_large = (figure_seconds(fig[i], h800) for i in nvl_ids)
     nvl_rate, nvl_fixed = _two_point(nvl_small, t_small, nvl_large, t_large)
-    put("intra_node_efficiency", nvl_rate / h800["intra_node_bandwidth"], "fraction", nvl_ids,
-        "two one-node all-to-alls: t = fixed + NVLink bytes / (NVLink x efficiency)")
+    put(
+        "intra_node_efficiency",
+        nvl_rate / h800["intra_node_bandwidth"],
+        "fraction",
+        nvl_ids,
+        "two one-node all-to-alls: t = fixed + NVLink bytes / (NVLink x efficiency)",
+    )
     put("deepep.nvlink_fixed_s", nvl_fixed, "s", nvl_ids, "their intercept")
 
     # Network: two low-latency dispatches that differ in network bytes (network-bound).
@@ -197,13 +230,28 @@ def derive_constants(calibration: dict | None = None) -> dict[str, Constant]:
     (_, net_small), (_, net_large) = (all_to_all_bytes(fig[i]["config"], h800) for i in net_ids)
     t_small, t_large = (figure_seconds(fig[i], h800) for i in net_ids)
     net_rate, net_fixed = _two_point(net_small, t_small, net_large, t_large)
-    put("inter_node_efficiency", net_rate / h800["inter_node_bandwidth"], "fraction", net_ids,
-        "two multi-node all-to-alls: t = fixed + network bytes / (NIC x efficiency)")
+    put(
+        "inter_node_efficiency",
+        net_rate / h800["inter_node_bandwidth"],
+        "fraction",
+        net_ids,
+        "two multi-node all-to-alls: t = fixed + network bytes / (NIC x efficiency)",
+    )
     put("deepep.network_fixed_s", net_fixed, "s", net_ids, "their intercept")
-    put("deepep.per_peer_s", 0.0, "s", ["deepep-v1-ll-dispatch-ep16"],
-        "assumption: not resolvable from the published table (perf_calibration.json)")
-    put("deepep-normal.sms", fig["deepep-normal-sms"]["published"], "SMs", ["deepep-normal-sms"],
-        "DeepEP's own setting")
+    put(
+        "deepep.per_peer_s",
+        0.0,
+        "s",
+        ["deepep-v1-ll-dispatch-ep16"],
+        "assumption: not resolvable from the published table (perf_calibration.json)",
+    )
+    put(
+        "deepep-normal.sms",
+        fig["deepep-normal-sms"]["published"],
+        "SMs",
+        ["deepep-normal-sms"],
+        "DeepEP's own setting",
+    )
 
     # NCCL inside one NVLink domain: latency against the number of peers.
     nccl_ids = ["nccl-alltoall-baseline-8gpu-16b", "nccl-alltoall-baseline-32gpu-16b"]
@@ -212,16 +260,35 @@ def derive_constants(calibration: dict | None = None) -> dict[str, Constant]:
     points = []
     for i in nccl_ids:
         intra, _ = all_to_all_bytes(fig[i]["config"], gb200)
-        points.append((fig[i]["config"]["ep"] - 1, figure_seconds(fig[i], gb200) - intra / gb200_rate))
+        points.append(
+            (fig[i]["config"]["ep"] - 1, figure_seconds(fig[i], gb200) - intra / gb200_rate)
+        )
     (peers_a, t_a), (peers_b, t_b) = points
     per_peer = (t_b - t_a) / (peers_b - peers_a)
     put("nccl.per_peer_s", per_peer, "s", nccl_ids, "slope of latency against peers")
     put("nccl.nvlink_fixed_s", t_a - peers_a * per_peer, "s", nccl_ids, "its intercept")
     put("nccl.network_fixed_s", net_fixed, "s", net_ids, "assumption: DeepEP's network intercept")
-    put("nccl.sms", fig["deepep-normal-sms"]["published"], "SMs", ["deepep-normal-sms"],
-        "assumption: DeepEP normal kernels' SM count")
+    put(
+        "nccl.sms",
+        fig["deepep-normal-sms"]["published"],
+        "SMs",
+        ["deepep-normal-sms"],
+        "assumption: DeepEP normal kernels' SM count",
+    )
+    _check_physical(out)
     _check_reproduced(calibration, out)
     return out
+
+
+def _check_physical(constants: dict[str, Constant]) -> None:
+    """Efficiencies in (0, 1], times and shape constants not negative."""
+    for name, constant in constants.items():
+        low_ok = constant.value > 0 if constant.unit == "fraction" else constant.value >= 0
+        if not low_ok or (constant.unit == "fraction" and constant.value > 1):
+            raise ValueError(
+                f"calibration constant {name} = {constant.value:.4g} {constant.unit} is outside "
+                f"its physical range; its figures: {constant.source}"
+            )
 
 
 def gpu_fields(constants: dict[str, Constant]) -> dict:
@@ -352,7 +419,9 @@ def fit_benchmark(path: str, hardware: dict) -> dict:
     )
     for key, rate_field, efficiency_field in links:
         if key in rates:
-            changes.update(_achieved(rates[key], hardware[rate_field], rate_field, efficiency_field))
+            changes.update(
+                _achieved(rates[key], hardware[rate_field], rate_field, efficiency_field)
+            )
 
     peak, half_depth = hardware["peak_flops_bf16"], hardware["gemm_half_depth"]
 
