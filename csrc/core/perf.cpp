@@ -167,8 +167,16 @@ Prediction predict(const ModelSpec& model, const HardwareSpec& hw, const Strateg
   auto gemm = [&](double rows, double cols, double depth, double groups = 1.0) {
     return gemm_cost(rows, cols, depth, groups, wb, act, gpu).time_s;
   };
+  // Memory-bound kernels between the GEMMs, by the bytes they must move: a fused residual add and
+  // RMSNorm reads the residual and the new output and writes the residual and the quantised
+  // GEMM input; a SiLU-and-mul reads gate and up and writes the quantised product.
+  auto elementwise = [&](double bytes, int kernels) {
+    return elementwise_cost(bytes, kernels, gpu).time_s;
+  };
+  const double add_norm = group_tokens * h * (3.0 * act + wb);
   auto ffn = [&](double rows, double ffn_hidden, double shards) {  // gated: gate+up, then down
-    return gemm(rows, 2.0 * ffn_hidden / shards, h) + gemm(rows, h, ffn_hidden / shards);
+    return gemm(rows, 2.0 * ffn_hidden / shards, h) + gemm(rows, h, ffn_hidden / shards) +
+           elementwise(rows * ffn_hidden / shards * (2.0 * act + wb), 1);
   };
 
   // Attention projections: per-head projections are split over TP, low-rank ones replicated.
@@ -202,12 +210,17 @@ Prediction predict(const ModelSpec& model, const HardwareSpec& hw, const Strateg
   const double kv_traffic = (prefill ? group_tokens : group_seqs * ctx) * kv_layer / kv_shard;
   const double query_traffic = group_tokens * heads_tp * (score_dim + value_dim) * act;
   const double core_attention = attention_cost(score_flops, kv_traffic + query_traffic, gpu).time_s;
+  // The pre-attention add + norm, and the attention output quantised for its projection.
+  const double attention_elementwise =
+      elementwise(add_norm + group_tokens * heads_tp * d * (act + wb), 2);
 
   LayerCosts dense_layer, moe_layer;
   dense_layer.attention = moe_layer.attention =
-      (projections + core_attention) * s.attention_imbalance;
-  dense_layer.ffn = ffn(group_tokens, model.dense_ffn_hidden, s.tp);
-  moe_layer.gating = gemm_cost(gpu_tokens, experts, h, 1.0, act, act, gpu).time_s;
+      (projections + core_attention + attention_elementwise) * s.attention_imbalance;
+  // The pre-FFN add + norm: with the dense FFN, or with the router of a MoE layer.
+  dense_layer.ffn = ffn(group_tokens, model.dense_ffn_hidden, s.tp) + elementwise(add_norm, 1);
+  moe_layer.gating =
+      gemm_cost(gpu_tokens, experts, h, 1.0, act, act, gpu).time_s + elementwise(add_norm, 1);
   const double shared_hidden =
       static_cast<double>(model.num_shared_experts) * model.expert_ffn_hidden;
   moe_layer.shared = shared_hidden > 0 ? ffn(group_tokens, shared_hidden, s.tp) : 0.0;
@@ -218,8 +231,13 @@ Prediction predict(const ModelSpec& model, const HardwareSpec& hw, const Strateg
   const double local_slots = slots / s.ep;
   const double rows = tokens_mb * k / s.ep * s.expert_imbalance;
   const double active = local_slots * (1.0 - std::pow(1.0 - 1.0 / slots, tokens_mb * k));
-  moe_layer.experts = gemm(rows / active, 2.0 * model.expert_ffn_hidden / expert_tp, h, active) +
-                      gemm(rows / active, h, model.expert_ffn_hidden / expert_tp, active);
+  moe_layer.experts =
+      gemm(rows / active, 2.0 * model.expert_ffn_hidden / expert_tp, h, active) +
+      gemm(rows / active, h, model.expert_ffn_hidden / expert_tp, active) +
+      // SiLU-and-mul of every row, and one pass that gathers the rows into
+      // expert order and weights them back into their tokens.
+      elementwise(rows * (model.expert_ffn_hidden / expert_tp * (2.0 * act + wb) + h * (wb + act)),
+                  2);
 
   const RoutingSpec routing = model.routing();
   const double dispatch_elem = s.dispatch_bytes > 0 ? s.dispatch_bytes : act;

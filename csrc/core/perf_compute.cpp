@@ -51,4 +51,10 @@ KernelCost attention_cost(double flops, double bytes, const GpuSpec& gpu) {
   return {flops, bytes, std::max(compute_s, memory_s) + gpu.kernel_fixed_s};
 }
 
+KernelCost elementwise_cost(double bytes, int kernels, const GpuSpec& gpu) {
+  if (bytes <= 0 || kernels <= 0) return {};
+  return {0.0, bytes,
+          bytes / (gpu.memory_bandwidth * gpu.memory_efficiency) + kernels * gpu.kernel_fixed_s};
+}
+
 }  // namespace moe_ep::core

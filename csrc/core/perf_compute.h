@@ -49,4 +49,8 @@ KernelCost gemm_cost(double rows, double cols, double depth, double groups, doub
 // efficiency, bytes (KV cache, queries, outputs) against the attention memory efficiency.
 KernelCost attention_cost(double flops, double bytes, const GpuSpec& gpu);
 
+// `kernels` memory-bound kernels (norms, activations, quantisation, row gathers) moving `bytes`
+// in all: streamed at the memory efficiency, each kernel paying the fixed cost.
+KernelCost elementwise_cost(double bytes, int kernels, const GpuSpec& gpu);
+
 }  // namespace moe_ep::core

@@ -102,7 +102,8 @@ TEST(PerfFormulas, OutputTokensOfSpeculativeDecoding) {
 
 TEST(PerfPredict, SingleGpuDenseDecodeIsWeightReadBound) {
   // One dense layer, one GPU, one token, a one-token context, the ideal GPU: every GEMM reads
-  // its weights once at 3.35 TB/s, the attention kernel its tiny KV cache and query.
+  // its weights once at 3.35 TB/s, the attention kernel its tiny KV cache and query, the
+  // elementwise kernels their few vectors.
   ModelSpec m = seeds_model();
   m.num_layers = 1;
   m.num_dense_layers = 1;
@@ -112,11 +113,16 @@ TEST(PerfPredict, SingleGpuDenseDecodeIsWeightReadBound) {
   const double bw = 3.35e12;
   auto gemm_bytes = [](double n, double k) { return (n * k + k) * 2 + n * 2; };
   const double qkv = gemm_bytes(3 * 16384, 7168), out = gemm_bytes(7168, 16384);
-  const double core = 65536 + 128.0 * 256 * 2;  // one K/V entry and one query/output
+  const double core = 65536 + 128.0 * 256 * 2;   // one K/V entry and one query/output
+  const double add_norm = 7168.0 * (3 * 2 + 2);  // residual and output in, residual and input out
+  const double out_quant = 16384.0 * (2 + 2);    // attention output in, projection input out
   const double ffn = gemm_bytes(2 * 18432, 7168) + gemm_bytes(7168, 18432);
-  EXPECT_NEAR(stage(p, "attention"), (qkv + out + core) / bw, 1e-12);
-  EXPECT_NEAR(stage(p, "dense_ffn"), ffn / bw, 1e-12);
-  EXPECT_NEAR(p.step_time_s, (qkv + out + core + ffn) / bw, 1e-12);
+  const double silu = 18432.0 * (2 * 2 + 2);  // gate and up in, product out
+  const double attention = qkv + out + core + add_norm + out_quant;
+  const double dense = ffn + silu + add_norm;
+  EXPECT_NEAR(stage(p, "attention"), attention / bw, 1e-12);
+  EXPECT_NEAR(stage(p, "dense_ffn"), dense / bw, 1e-12);
+  EXPECT_NEAR(p.step_time_s, (attention + dense) / bw, 1e-12);
   EXPECT_DOUBLE_EQ(p.tokens_per_s, 1.0 / p.step_time_s);
   EXPECT_EQ(p.bottleneck, "attention");  // 940 MB of attention vs 793 MB of FFN weights
   EXPECT_DOUBLE_EQ(p.weight_bytes_per_gpu, (4.0 * 7168 * 16384 + 3.0 * 7168 * 18432) * 2);

@@ -82,6 +82,12 @@ TEST(PerfCompute, AttentionIsTheSlowerOfItsComputeAndMemory) {
   EXPECT_EQ(attention_cost(0, 0, gpu).time_s, 0.0);
 }
 
+TEST(PerfCompute, ElementwiseKernelsStreamTheirBytesAndPayTheFixedCostEach) {
+  const GpuSpec gpu = shaped_gpu();
+  EXPECT_NEAR(elementwise_cost(2e9, 3, gpu).time_s, 2e9 / 1e12 + 3 * 3e-6, 1e-15);
+  EXPECT_EQ(elementwise_cost(0, 3, gpu).time_s, 0.0);
+}
+
 TEST(PerfCompute, BadGpuFieldsAreNamed) {
   auto expect_named = [](GpuSpec gpu, const std::string& field) {
     try {
