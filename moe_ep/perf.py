@@ -511,8 +511,9 @@ def main(argv=None) -> int:
                 redundant_experts=max(0, slots - model.num_experts),
             )
             print(
-                f"placement {args.placement} for {name}: expert imbalance {expert:.3f}, "
-                f"link imbalance {link:.3f}, {slots} slots per layer"
+                f"placement {args.placement} ({placement.cluster.num_gpus} GPUs) for {name}: "
+                f"expert imbalance {expert:.3f}, link imbalance {link:.3f}, "
+                f"{slots} slots per layer"
             )
         p = predict(model, hw, strategy, workload, transport, args.nodes)
         results.append((name, p))
