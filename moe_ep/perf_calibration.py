@@ -65,18 +65,23 @@ def link_hardware(hardware: dict, ep: int, intra_efficiency=1.0, inter_efficienc
     return hw
 
 
-def all_to_all_bytes(config: dict, hardware: dict):
-    """(NVLink bytes, network bytes) one GPU sends in the all-to-all of a figure's config."""
-    cost = _C.perf_all_to_all_cost(
+def all_to_all_cost(config: dict, hw: _C.HardwareSpec, transport: _C.TransportSpec):
+    """The model's cost of the all-to-all a figure's config describes (balanced links)."""
+    return _C.perf_all_to_all_cost(
         config["tokens_per_gpu"],
         config["bytes_per_token"],
         routing_spec(config["routing"]),
         config["ep"],
         DEDUP[config["dedup"]],
         1.0,
-        link_hardware(hardware, config["ep"]),
-        _C.TransportSpec(),
+        hw,
+        transport,
     )
+
+
+def all_to_all_bytes(config: dict, hardware: dict):
+    """(NVLink bytes, network bytes) one GPU sends in the all-to-all of a figure's config."""
+    cost = all_to_all_cost(config, link_hardware(hardware, config["ep"]), _C.TransportSpec())
     return cost.intra_node_bytes, cost.inter_node_bytes
 
 
@@ -112,21 +117,28 @@ def figure_seconds(figure: dict, hardware: dict) -> float:
     raise ValueError(f"figure {figure['id']}: no time for unit {unit!r}")
 
 
-def _gemm_work(config: dict):
-    work = _C.perf_gemm_cost(
+def gemm_cost(config: dict, gpu: _C.GpuSpec):
+    """The model's cost of the GEMM a figure's config describes."""
+    return _C.perf_gemm_cost(
         config["rows"],
         config["cols"],
         config["depth"],
         config["groups"],
         config["input_bytes"],
         config["output_bytes"],
-        _C.GpuSpec(),
+        gpu,
     )
+
+
+def _gemm_work(config: dict):
+    work = gemm_cost(config, _C.GpuSpec())
     return work.flops, work.bytes
 
 
-def _two_point(x1: float, t1: float, x2: float, t2: float):
-    """(rate, fixed) of t = fixed + x / rate through two points."""
+def _through_two_figures(figures: list[dict], hardware: dict, amount) -> tuple[float, float]:
+    """(rate, fixed) of t = fixed + amount / rate through two figures' times, the amount (bytes)
+    of each given by `amount(figure)`."""
+    (x1, t1), (x2, t2) = ((amount(f), figure_seconds(f, hardware)) for f in figures)
     rate = (x2 - x1) / (t2 - t1)
     return rate, t1 - x1 / rate
 
@@ -143,10 +155,10 @@ def derive_constants(calibration: dict | None = None) -> dict[str, Constant]:
 
     # Memory-bound GEMMs: t = kernel_fixed + bytes / (bandwidth x memory_efficiency).
     h800 = hardware["h800"]
-    mem_ids = ["deepgemm-normal-m64-n7168-k16384", "deepgemm-normal-m64-n2112-k7168"]
-    (_, bytes_a), (_, bytes_b) = (_gemm_work(fig[i]["config"]) for i in mem_ids)
-    t_a, t_b = (figure_seconds(fig[i], h800) for i in mem_ids)
-    rate, fixed = _two_point(bytes_b, t_b, bytes_a, t_a)
+    mem_ids = ["deepgemm-normal-m64-n2112-k7168", "deepgemm-normal-m64-n7168-k16384"]
+    rate, fixed = _through_two_figures(
+        [fig[i] for i in mem_ids], h800, lambda f: _gemm_work(f["config"])[1]
+    )
     put(
         "memory_efficiency",
         rate / h800["memory_bandwidth"],
@@ -211,33 +223,33 @@ def derive_constants(calibration: dict | None = None) -> dict[str, Constant]:
         "660 TFLOP/s over the BF16 peak",
     )
 
-    # NVLink: a bandwidth-bound and a latency-bound single-node all-to-all.
-    nvl_ids = ["deepep-v1-ll-dispatch-ep8", "deepep-v1-normal-intranode-dispatch-ep8"]
-    (nvl_small, _), (nvl_large, _) = (all_to_all_bytes(fig[i]["config"], h800) for i in nvl_ids)
-    t_small, t_large = (figure_seconds(fig[i], h800) for i in nvl_ids)
-    nvl_rate, nvl_fixed = _two_point(nvl_small, t_small, nvl_large, t_large)
-    put(
-        "intra_node_efficiency",
-        nvl_rate / h800["intra_node_bandwidth"],
-        "fraction",
-        nvl_ids,
-        "two one-node all-to-alls: t = fixed + NVLink bytes / (NVLink x efficiency)",
+    # Links, each from two DeepEP all-to-alls where its bytes differ: NVLink from a
+    # bandwidth-bound and a latency-bound single-node one, the network from two low-latency
+    # dispatches across nodes (network-bound).
+    links = (
+        (
+            "intra_node",
+            "nvlink",
+            0,
+            ["deepep-v1-ll-dispatch-ep8", "deepep-v1-normal-intranode-dispatch-ep8"],
+        ),
+        ("inter_node", "network", 1, ["deepep-v1-ll-dispatch-ep16", "deepep-v1-ll-dispatch-ep256"]),
     )
-    put("deepep.nvlink_fixed_s", nvl_fixed, "s", nvl_ids, "their intercept")
-
-    # Network: two low-latency dispatches that differ in network bytes (network-bound).
-    net_ids = ["deepep-v1-ll-dispatch-ep16", "deepep-v1-ll-dispatch-ep256"]
-    (_, net_small), (_, net_large) = (all_to_all_bytes(fig[i]["config"], h800) for i in net_ids)
-    t_small, t_large = (figure_seconds(fig[i], h800) for i in net_ids)
-    net_rate, net_fixed = _two_point(net_small, t_small, net_large, t_large)
-    put(
-        "inter_node_efficiency",
-        net_rate / h800["inter_node_bandwidth"],
-        "fraction",
-        net_ids,
-        "two multi-node all-to-alls: t = fixed + network bytes / (NIC x efficiency)",
-    )
-    put("deepep.network_fixed_s", net_fixed, "s", net_ids, "their intercept")
+    for link, fixed_name, side, ids in links:
+        rate, link_fixed = _through_two_figures(
+            [fig[i] for i in ids],
+            h800,
+            lambda f, side=side: all_to_all_bytes(f["config"], h800)[side],
+        )
+        put(
+            f"{link}_efficiency",
+            rate / h800[f"{link}_bandwidth"],
+            "fraction",
+            ids,
+            f"two all-to-alls: t = fixed + {fixed_name} bytes / ({fixed_name} x efficiency)",
+        )
+        put(f"deepep.{fixed_name}_fixed_s", link_fixed, "s", ids, "their intercept")
+    net_ids = links[1][3]
     put(
         "deepep.per_peer_s",
         0.0,
@@ -267,7 +279,13 @@ def derive_constants(calibration: dict | None = None) -> dict[str, Constant]:
     per_peer = (t_b - t_a) / (peers_b - peers_a)
     put("nccl.per_peer_s", per_peer, "s", nccl_ids, "slope of latency against peers")
     put("nccl.nvlink_fixed_s", t_a - peers_a * per_peer, "s", nccl_ids, "its intercept")
-    put("nccl.network_fixed_s", net_fixed, "s", net_ids, "assumption: DeepEP's network intercept")
+    put(
+        "nccl.network_fixed_s",
+        out["deepep.network_fixed_s"].value,
+        "s",
+        net_ids,
+        "assumption: DeepEP's network intercept",
+    )
     put(
         "nccl.sms",
         fig["deepep-normal-sms"]["published"],
@@ -331,34 +349,18 @@ def _check_reproduced(calibration: dict, constants: dict[str, Constant]) -> None
                     "memory_bandwidth": hw["memory_bandwidth"],
                 }
             )
-            predicted = _C.perf_gemm_cost(
-                config["rows"],
-                config["cols"],
-                config["depth"],
-                config["groups"],
-                config["input_bytes"],
-                config["output_bytes"],
-                gpu,
-            ).time_s
+            predicted = gemm_cost(config, gpu).time_s
         elif figure["kind"] == "all_to_all":
             transport = _C.TransportSpec()
             for name, value in transport_fields(constants, figure["transport"]).items():
                 setattr(transport, name, value)
-            predicted = _C.perf_all_to_all_cost(
-                config["tokens_per_gpu"],
-                config["bytes_per_token"],
-                routing_spec(config["routing"]),
+            links = link_hardware(
+                hw,
                 config["ep"],
-                DEDUP[config["dedup"]],
-                1.0,
-                link_hardware(
-                    hw,
-                    config["ep"],
-                    constants["intra_node_efficiency"].value,
-                    constants["inter_node_efficiency"].value,
-                ),
-                transport,
-            ).time_s
+                constants["intra_node_efficiency"].value,
+                constants["inter_node_efficiency"].value,
+            )
+            predicted = all_to_all_cost(config, links, transport).time_s
         else:
             continue
         measured = figure_seconds(figure, hw)

@@ -13,7 +13,7 @@ import json
 import math
 import os
 
-from moe_ep import _C, perf
+from moe_ep import perf
 from moe_ep import perf_calibration as calibration
 
 VALIDATION_PATH = os.path.join(calibration.DATA_DIR, "perf_validation.json")
@@ -27,13 +27,8 @@ def load_validation(path: str = VALIDATION_PATH) -> dict:
 def _all_to_all(row: dict) -> float:
     hw, config = perf.HARDWARE[row["hardware"]], row["config"]
     nodes = max(1, math.ceil(config["ep"] / hw.gpus_per_node))
-    seconds = _C.perf_all_to_all_cost(
-        config["tokens_per_gpu"],
-        config["bytes_per_token"],
-        calibration.routing_spec(config["routing"]),
-        config["ep"],
-        calibration.DEDUP[config["dedup"]],
-        1.0,
+    seconds = calibration.all_to_all_cost(
+        config,
         perf.native_hardware(hw, nodes),
         perf.native_transport(perf.TRANSPORTS[row["transport"]]),
     ).time_s
@@ -72,16 +67,7 @@ def _overlap_speedup(row: dict) -> float:
 
 
 def _gemm(row: dict) -> float:
-    config = row["config"]
-    cost = _C.perf_gemm_cost(
-        config["rows"],
-        config["cols"],
-        config["depth"],
-        config["groups"],
-        config["input_bytes"],
-        config["output_bytes"],
-        perf.native_gpu(perf.HARDWARE[row["hardware"]]),
-    )
+    cost = calibration.gemm_cost(row["config"], perf.native_gpu(perf.HARDWARE[row["hardware"]]))
     return cost.flops / cost.time_s / 1e12
 
 

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "core/perf.h"
+#include "core/tests/perf_test_support.h"
 
 namespace moe_ep::core {
 namespace {
@@ -24,19 +25,6 @@ ModelSpec deepseek_v3() {
   return m;
 }
 
-// H100-like nodes with the ideal GPU (efficiency 1, no fixed costs) unless a test shapes it.
-HardwareSpec h100_nodes(int nodes) {
-  HardwareSpec hw;
-  hw.cluster.num_nodes = nodes;
-  hw.cluster.gpus_per_node = 8;
-  hw.cluster.intra_node.bandwidth_bytes_per_s = 450e9;
-  hw.cluster.inter_node.bandwidth_bytes_per_s = 50e9;
-  hw.cluster.gpu_memory_bytes = 80e9;
-  hw.intra_node_efficiency = 0.8;
-  hw.inter_node_efficiency = 0.9;
-  return hw;
-}
-
 StrategySpec expert_parallel(int gpus, int micro_batches) {
   StrategySpec s;
   s.dp = gpus;
@@ -47,6 +35,14 @@ StrategySpec expert_parallel(int gpus, int micro_batches) {
   s.collectives.nvlink_fixed_s = 10e-6;
   s.collectives.network_fixed_s = 20e-6;
   return s;
+}
+
+WorkloadSpec prefill(double batch, double sequence_length) {
+  WorkloadSpec w;
+  w.phase = Phase::kPrefill;
+  w.batch = batch;
+  w.sequence_length = sequence_length;
+  return w;
 }
 
 double stage(const Prediction& p, const std::string& name) {
@@ -109,7 +105,7 @@ TEST(PerfPredict, SingleGpuDenseDecodeIsWeightReadBound) {
   m.num_dense_layers = 1;
   m.vocab_size = 0;
   WorkloadSpec w;
-  const Prediction p = predict(m, h100_nodes(1), StrategySpec{}, w);
+  const Prediction p = predict(m, h100_like_nodes(1), StrategySpec{}, w);
   const double bw = 3.35e12;
   auto gemm_bytes = [](double n, double k) { return (n * k + k) * 2 + n * 2; };
   const double qkv = gemm_bytes(3 * 16384, 7168), out = gemm_bytes(7168, 16384);
@@ -133,11 +129,7 @@ TEST(PerfPredict, BreakdownSumsToStepTimeAndBubbleFollowsMicroBatches) {
   s.tp = 8;
   s.pp = 2;
   s.micro_batches = 4;
-  WorkloadSpec w;
-  w.phase = Phase::kPrefill;
-  w.batch = 8;
-  w.sequence_length = 1024;
-  const Prediction p = predict(seeds_model(), h100_nodes(2), s, w);
+  const Prediction p = predict(seeds_model(), h100_like_nodes(2), s, prefill(8, 1024));
   double sum = 0;
   for (const auto& entry : p.breakdown) sum += entry.second;
   EXPECT_NEAR(sum, p.step_time_s, 1e-9 * p.step_time_s);
@@ -154,19 +146,16 @@ TEST(PerfPredict, OverlapChargesTheSmsCommunicationHolds) {
   ModelSpec m = deepseek_v3();
   m.num_dense_layers = 0;
   m.vocab_size = 0;
-  WorkloadSpec w;
-  w.phase = Phase::kPrefill;
-  w.batch = 64;
-  w.sequence_length = 4096;
+  const WorkloadSpec w = prefill(64, 4096);
   StrategySpec s = expert_parallel(32, 2);
-  const Prediction serial = predict(m, h100_nodes(4), s, w);
+  const Prediction serial = predict(m, h100_like_nodes(4), s, w);
   const double compute = compute_part(serial) / m.num_layers;
   const double comm = (stage(serial, "dispatch") + stage(serial, "combine")) / m.num_layers;
   EXPECT_NEAR(serial.step_time_s, m.num_layers * (compute + comm), 1e-9 * serial.step_time_s);
   s.overlap = true;
   for (const int sms : {0, 33}) {
     s.all_to_all.sms = sms;
-    const Prediction overlapped = predict(m, h100_nodes(4), s, w);
+    const Prediction overlapped = predict(m, h100_like_nodes(4), s, w);
     const double layer = std::max(comm, compute + sms / 132.0 * comm);
     EXPECT_NEAR(overlapped.step_time_s, m.num_layers * layer, 1e-9 * serial.step_time_s) << sms;
     EXPECT_NEAR(stage(overlapped, "overlap_hidden"), overlapped.step_time_s - serial.step_time_s,
@@ -188,8 +177,8 @@ TEST(PerfPredict, SpeculativeDecodingAddsOneMoeLayerPerDraft) {
   WorkloadSpec doubled = drafts;
   doubled.batch = 1024;
   doubled.draft_tokens = 0;
-  const Prediction a = predict(m, h100_nodes(2), s, drafts);
-  const Prediction b = predict(m, h100_nodes(2), s, doubled);
+  const Prediction a = predict(m, h100_like_nodes(2), s, drafts);
+  const Prediction b = predict(m, h100_like_nodes(2), s, doubled);
   EXPECT_NEAR(stage(a, "experts"), stage(b, "experts") * 59.0 / 58.0, 1e-12);
   EXPECT_NEAR(a.tokens_per_s, 512 * 1.8 / a.step_time_s, 1e-6);
   EXPECT_NEAR(a.latency_s, a.step_time_s / 1.8, 1e-15);
@@ -200,26 +189,23 @@ TEST(PerfPredict, AttentionImbalanceStretchesAttention) {
   WorkloadSpec w;
   w.batch = 256;
   w.sequence_length = 4096;
-  const Prediction even = predict(deepseek_v3(), h100_nodes(2), s, w);
+  const Prediction even = predict(deepseek_v3(), h100_like_nodes(2), s, w);
   s.attention_imbalance = 1.25;
-  const Prediction skew = predict(deepseek_v3(), h100_nodes(2), s, w);
+  const Prediction skew = predict(deepseek_v3(), h100_like_nodes(2), s, w);
   EXPECT_NEAR(stage(skew, "attention"), 1.25 * stage(even, "attention"), 1e-15);
   EXPECT_DOUBLE_EQ(stage(skew, "experts"), stage(even, "experts"));
 }
 
 TEST(PerfPredict, DisaggregatedPrefillWaitsForTheKvCacheOnlyWhenItIsSlower) {
   // A GPU far faster than its network: shipping the KV cache outlasts the compute.
-  HardwareSpec hw = h100_nodes(1);
+  HardwareSpec hw = h100_like_nodes(1);
   hw.gpu.peak_flops = 1e18;
   hw.gpu.memory_bandwidth = 1e16;
   hw.cluster.inter_node.bandwidth_bytes_per_s = 1e9;
   ModelSpec m = deepseek_v3();
   StrategySpec s;
   s.collectives.network_fixed_s = 5e-6;
-  WorkloadSpec w;
-  w.phase = Phase::kPrefill;
-  w.batch = 2;
-  w.sequence_length = 1000;
+  WorkloadSpec w = prefill(2, 1000);
   const Prediction local = predict(m, hw, s, w);
   w.disaggregated = true;
   const Prediction shipped = predict(m, hw, s, w);
@@ -235,9 +221,9 @@ TEST(PerfPredict, ReplicaSlotsHoldMoreWeights) {
   WorkloadSpec w;
   w.batch = 32 * 64;
   w.sequence_length = 1024;
-  const Prediction base = predict(deepseek_v3(), h100_nodes(4), s, w);
+  const Prediction base = predict(deepseek_v3(), h100_like_nodes(4), s, w);
   s.redundant_experts = 32;  // 288 slots: 9 per GPU instead of 8
-  const Prediction replicas = predict(deepseek_v3(), h100_nodes(4), s, w);
+  const Prediction replicas = predict(deepseek_v3(), h100_like_nodes(4), s, w);
   const double expert_bytes = 3.0 * 7168 * 2048 * 2;
   EXPECT_NEAR(replicas.weight_bytes_per_gpu - base.weight_bytes_per_gpu, 58 * expert_bytes, 1.0);
 }
@@ -248,12 +234,12 @@ TEST(PerfPredict, MemoryCountsKvCacheAndFlagsOverflow) {
   WorkloadSpec w;
   w.batch = 1;
   w.sequence_length = 4096;
-  const Prediction small = predict(seeds_model(), h100_nodes(1), s, w);
+  const Prediction small = predict(seeds_model(), h100_like_nodes(1), s, w);
   // KV: 61 layers x 4096 tokens x 64 KiB, split over 8 TP ranks.
   EXPECT_DOUBLE_EQ(small.kv_cache_bytes_per_gpu, 61.0 * 4096 * 65536 / 8);
   EXPECT_TRUE(small.fits_in_memory);  // ~390 GB of BF16 weights over 8 x 80 GB
   EXPECT_GT(small.weight_bytes_per_gpu, 48e9);
-  HardwareSpec small_gpus = h100_nodes(1);
+  HardwareSpec small_gpus = h100_like_nodes(1);
   small_gpus.cluster.gpu_memory_bytes = 40e9;
   EXPECT_FALSE(predict(seeds_model(), small_gpus, s, w).fits_in_memory);
 }
@@ -271,7 +257,7 @@ TEST(PerfMonotonic, MoreBandwidthIsNeverSlower) {
         w.sequence_length = phase == Phase::kPrefill ? 512 : 2048;
         double previous = 1e30;
         for (const double scale : {0.25, 0.5, 1.0, 2.0, 4.0}) {
-          HardwareSpec hw = h100_nodes(nodes);
+          HardwareSpec hw = h100_like_nodes(nodes);
           hw.cluster.gpu_memory_bytes = 1e15;
           hw.cluster.inter_node.bandwidth_bytes_per_s *= scale;
           hw.cluster.intra_node.bandwidth_bytes_per_s *= scale;
@@ -286,16 +272,11 @@ TEST(PerfMonotonic, MoreBandwidthIsNeverSlower) {
 }
 
 TEST(PerfValidation, RejectsBadFieldsByName) {
-  const HardwareSpec hw = h100_nodes(2);
+  const HardwareSpec hw = h100_like_nodes(2);
   const WorkloadSpec w;
-  auto expect_message = [&](const ModelSpec& m, const StrategySpec& s, const WorkloadSpec& wl,
-                            const HardwareSpec& h, const std::string& field) {
-    try {
-      predict(m, h, s, wl);
-      ADD_FAILURE() << "expected an error naming " << field;
-    } catch (const std::invalid_argument& e) {
-      EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
-    }
+  auto expect_message = [](const ModelSpec& m, const StrategySpec& s, const WorkloadSpec& wl,
+                           const HardwareSpec& h, const std::string& field) {
+    expect_error_naming([&] { predict(m, h, s, wl); }, field);
   };
   ModelSpec m = seeds_model();
   m.top_k = 65;

@@ -10,21 +10,10 @@
 #include <vector>
 
 #include "core/perf_comm.h"
+#include "core/tests/perf_test_support.h"
 
 namespace moe_ep::core {
 namespace {
-
-HardwareSpec two_level(int nodes) {
-  HardwareSpec hw;
-  hw.cluster.num_nodes = nodes;
-  hw.cluster.gpus_per_node = 8;
-  hw.cluster.intra_node.bandwidth_bytes_per_s = 450e9;
-  hw.cluster.inter_node.bandwidth_bytes_per_s = 50e9;
-  hw.cluster.gpu_memory_bytes = 80e9;
-  hw.intra_node_efficiency = 0.8;
-  hw.inter_node_efficiency = 0.9;
-  return hw;
-}
 
 TransportSpec transport() {
   TransportSpec t;
@@ -104,7 +93,7 @@ TEST(PerfRouting, BlockHitMatchesSimulatedRouting) {
 }
 
 TEST(PerfAllToAll, OneCopyPerExpertGoesStraightToItsRank) {
-  const HardwareSpec hw = two_level(2);
+  const HardwareSpec hw = h100_like_nodes(2);
   const AllToAllCost c =
       all_to_all_cost(128, 7168, {256, 8, 1, 1}, 16, Dedup::kExpert, 1.0, hw, transport());
   EXPECT_DOUBLE_EQ(c.inter_node_bytes, 128.0 * 7168 * 8 * 8 / 16);
@@ -116,7 +105,7 @@ TEST(PerfAllToAll, OneCopyPerExpertGoesStraightToItsRank) {
 }
 
 TEST(PerfAllToAll, OneCopyPerRank) {
-  const HardwareSpec hw = two_level(2);
+  const HardwareSpec hw = h100_like_nodes(2);
   const RoutingSpec r{64, 2, 1, 1};
   const AllToAllCost c = all_to_all_cost(1000, 14336, r, 16, Dedup::kRank, 1.0, hw, transport());
   const double p_rank = 1.0 - (60.0 / 64) * (59.0 / 63);  // 4 experts per rank
@@ -126,7 +115,7 @@ TEST(PerfAllToAll, OneCopyPerRank) {
 }
 
 TEST(PerfAllToAll, OneCopyPerNodeThenForwardedOverNvlink) {
-  const HardwareSpec hw = two_level(2);
+  const HardwareSpec hw = h100_like_nodes(2);
   const RoutingSpec r{64, 2, 1, 1};
   const AllToAllCost c = all_to_all_cost(1000, 14336, r, 16, Dedup::kNode, 1.0, hw, transport());
   const double p_rank = 1.0 - (60.0 / 64) * (59.0 / 63);
@@ -139,7 +128,7 @@ TEST(PerfAllToAll, OneCopyPerNodeThenForwardedOverNvlink) {
 }
 
 TEST(PerfAllToAll, OneNodeUsesOnlyNvlinkAndItsFixedCost) {
-  const HardwareSpec hw = two_level(1);
+  const HardwareSpec hw = h100_like_nodes(1);
   const AllToAllCost c =
       all_to_all_cost(100, 100, {8, 1, 1, 1}, 8, Dedup::kRank, 1.0, hw, transport());
   EXPECT_EQ(c.inter_node_bytes, 0.0);
@@ -148,7 +137,7 @@ TEST(PerfAllToAll, OneNodeUsesOnlyNvlinkAndItsFixedCost) {
 }
 
 TEST(PerfAllToAll, LinkImbalanceScalesOnlyTheBytes) {
-  const HardwareSpec hw = two_level(2);
+  const HardwareSpec hw = h100_like_nodes(2);
   const RoutingSpec r{256, 8, 1, 1};
   const AllToAllCost even =
       all_to_all_cost(4096, 7168, r, 16, Dedup::kExpert, 1.0, hw, transport());
@@ -160,14 +149,14 @@ TEST(PerfAllToAll, LinkImbalanceScalesOnlyTheBytes) {
 }
 
 TEST(PerfAllToAll, OneRankSendsNothing) {
-  const AllToAllCost c =
-      all_to_all_cost(128, 7168, {256, 8, 1, 1}, 1, Dedup::kExpert, 1.0, two_level(1), transport());
+  const AllToAllCost c = all_to_all_cost(128, 7168, {256, 8, 1, 1}, 1, Dedup::kExpert, 1.0,
+                                         h100_like_nodes(1), transport());
   EXPECT_EQ(c.time_s, 0.0);
   EXPECT_EQ(c.peers, 0);
 }
 
 TEST(PerfCollectives, RingAllReduceAndAllGather) {
-  const HardwareSpec hw = two_level(2);
+  const HardwareSpec hw = h100_like_nodes(2);
   // All-reduce over 8 GPUs of a node: 2 x 7/8 of the buffer in 2 x 7 peer steps.
   EXPECT_NEAR(ring_collective_time(1e6, 8, 2, true, hw, transport()),
               20e-6 + 14 * 0.5e-6 + 2 * 1e6 * 7 / 8 / 360e9, 1e-15);
@@ -191,23 +180,16 @@ TEST(PerfOverlap, CommunicationKernelsSlowTheComputeTheyOverlap) {
 }
 
 TEST(PerfCommValidation, BadFieldsAreNamed) {
-  auto expect_named = [](auto spec, const std::string& field) {
-    try {
-      spec.validate();
-      ADD_FAILURE() << "expected an error naming " << field;
-    } catch (const std::invalid_argument& e) {
-      EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
-    }
-  };
-  expect_named(RoutingSpec{256, 8, 7, 4}, "routing.num_groups");
-  expect_named(RoutingSpec{256, 8, 8, 9}, "routing.topk_groups");
-  expect_named(RoutingSpec{256, 40, 8, 1}, "routing.top_k");
+  auto validating = [](auto spec) { return [spec] { spec.validate(); }; };
+  expect_error_naming(validating(RoutingSpec{256, 8, 7, 4}), "routing.num_groups");
+  expect_error_naming(validating(RoutingSpec{256, 8, 8, 9}), "routing.topk_groups");
+  expect_error_naming(validating(RoutingSpec{256, 40, 8, 1}), "routing.top_k");
   TransportSpec t;
   t.per_peer_s = -1;
-  expect_named(t, "transport.per_peer_s");
-  HardwareSpec hw = two_level(2);
+  expect_error_naming(validating(t), "transport.per_peer_s");
+  HardwareSpec hw = h100_like_nodes(2);
   hw.inter_node_efficiency = 1.2;
-  expect_named(hw, "hardware.inter_node_efficiency");
+  expect_error_naming(validating(hw), "hardware.inter_node_efficiency");
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "core/perf_compute.h"
+#include "core/tests/perf_test_support.h"
 
 namespace moe_ep::core {
 namespace {
@@ -89,29 +90,21 @@ TEST(PerfCompute, ElementwiseKernelsStreamTheirBytesAndPayTheFixedCostEach) {
 }
 
 TEST(PerfCompute, BadGpuFieldsAreNamed) {
-  auto expect_named = [](GpuSpec gpu, const std::string& field) {
-    try {
-      gpu.validate();
-      ADD_FAILURE() << "expected an error naming " << field;
-    } catch (const std::invalid_argument& e) {
-      EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
-    }
-  };
   GpuSpec gpu;
   gpu.gemm_peak_efficiency = 1.5;
-  expect_named(gpu, "gpu.gemm_peak_efficiency");
+  expect_error_naming([gpu] { gpu.validate(); }, "gpu.gemm_peak_efficiency");
   gpu = {};
   gpu.gemm_half_rows = -1;
-  expect_named(gpu, "gpu.gemm_half_rows");
+  expect_error_naming([gpu] { gpu.validate(); }, "gpu.gemm_half_rows");
   gpu = {};
   gpu.num_sms = 0;
-  expect_named(gpu, "gpu.num_sms");
+  expect_error_naming([gpu] { gpu.validate(); }, "gpu.num_sms");
   gpu = {};
   gpu.kernel_fixed_s = -1e-6;
-  expect_named(gpu, "gpu.kernel_fixed_s");
+  expect_error_naming([gpu] { gpu.validate(); }, "gpu.kernel_fixed_s");
   gpu = {};
   gpu.attention_memory_efficiency = 0;
-  expect_named(gpu, "gpu.attention_memory_efficiency");
+  expect_error_naming([gpu] { gpu.validate(); }, "gpu.attention_memory_efficiency");
 }
 
 }  // namespace
