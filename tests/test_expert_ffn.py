@@ -117,17 +117,20 @@ def test_expert_ffn_cpu_gemms_cover_only_the_offsets():
 
 
 @pytest.mark.parametrize("device,gemm,where", CASES)
-def test_expert_ffn_all_rows_to_one_expert_and_noncontiguous(monkeypatch, device, gemm, where):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_ffn_all_rows_to_one_expert_and_noncontiguous(
+    monkeypatch, device, gemm, where, dtype
+):
     use_gemm(monkeypatch, gemm)
     hidden, ffn, experts, rows = 96, 48, 8, 200
-    x = torch.randn(hidden, rows, device=device).t()  # non-contiguous [rows, hidden]
-    w13, w2 = make_experts(experts, hidden, ffn, torch.float32, device)
+    x = torch.randn(hidden, rows, device=device).to(dtype).t()  # non-contiguous [rows, hidden]
+    w13, w2 = make_experts(experts, hidden, ffn, dtype, device)
     w13 = w13.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous weights
     # Non-contiguous offsets too: every other entry of a longer tensor.
     offsets = torch.tensor([0, 0, 0, rows, rows, rows, rows, rows, rows]).repeat_interleave(2)
     offsets = offsets.to(where)[::2]
-    out = ops.expert_ffn(x, offsets, w13, w2)
-    assert_covered_rows_match(out, x, offsets, w13, w2, "silu", torch.float32)
+    out = ops.expert_ffn(x, offsets, w13, w2, check_offsets=where == "cpu")
+    assert_covered_rows_match(out, x, offsets, w13, w2, "silu", dtype)
 
 
 @pytest.mark.parametrize("device,gemm,where", CASES)
@@ -226,12 +229,13 @@ def test_expert_ffn_cuda_graph_replays_new_device_offsets(monkeypatch):
 
 @CUDA_SKIP
 @pytest.mark.parametrize("gemm", EXPERT_GEMMS)
-def test_expert_ffn_replays_in_a_cuda_graph_with_cpu_offsets(monkeypatch, gemm):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_ffn_replays_in_a_cuda_graph_with_cpu_offsets(monkeypatch, gemm, dtype):
     # Host offsets: no device-to-host read, so every variant can be captured. What the
     # captured copies read (the grouped pointer table, grouped_mm's int32 ends) lives in pinned
     # blocks that must stay intact for every replay.
     use_gemm(monkeypatch, gemm)
-    dtype, hidden, ffn, experts, rows = torch.bfloat16, 64, 32, 8, 300
+    hidden, ffn, experts, rows = 64, 32, 8, 300
     x = torch.randn(rows, hidden, device="cuda").to(dtype)
     w13, w2 = make_experts(experts, hidden, ffn, dtype, "cuda")
     offsets = random_offsets(rows, experts, "cpu")
@@ -310,15 +314,15 @@ def test_expert_ffn_rejects_bad_arguments():
 @CUDA_SKIP
 @pytest.mark.parametrize("gemm", EXPERT_GEMMS)
 def test_expert_ffn_cuda_rejects_bad_offsets(monkeypatch, gemm):
-    # Device offsets with check_offsets=True are validated in one read (every variant); CPU
-    # offsets always; offsets on another device than x are refused.
+    # Device offsets with check_offsets=True are validated in one read (every variant), CPU
+    # offsets always (free); offsets on another device than x are refused.
     use_gemm(monkeypatch, gemm)
     x = torch.randn(10, 16, device="cuda")
     w13, w2 = make_experts(4, 16, 8, torch.float32, "cuda")
     for bad, _ in bad_offsets_cases():
-        for where in ("cpu", "cuda"):
+        for where, check in (("cpu", True), ("cpu", False), ("cuda", True)):
             with pytest.raises(RuntimeError, match="'expert_offsets'"):
-                ops.expert_ffn(x, bad.to(where), w13, w2)
+                ops.expert_ffn(x, bad.to(where), w13, w2, check_offsets=check)
     with pytest.raises(RuntimeError, match="'expert_offsets'"):
         ops.expert_ffn(x.cpu(), torch.tensor([0, 2, 5, 5, 10], device="cuda"), w13.cpu(), w2.cpu())
 
