@@ -19,6 +19,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -52,15 +53,18 @@ ExpertGemm expert_gemm_from_env() {
 bool aligned_16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 // Whether at::_grouped_mm runs its CUTLASS path, which reads no offset on the host, for these
-// contiguous operands ([N, H], [E, 2F, H], [E, H, F]).
+// contiguous operands ([N, H], [E, 2F, H], [E, H, F]). Row operands stay under 2^31 elements:
+// past that, torchtitan issue 1932 reports illegal memory accesses (cause not yet known).
 bool grouped_mm_applies(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2) {
   if (x.scalar_type() != at::kBFloat16) return false;
   const int major = at::cuda::getDeviceProperties(x.device().index())->major;
   const int64_t per_16_bytes = 16 / x.element_size();
+  const int64_t widest_row = std::max(x.size(1), w13.size(1));  // H or 2F
   return (major == 9 || major == 10) && w13.size(0) < 1024 &&
-         x.size(0) <= std::numeric_limits<int32_t>::max() && x.size(1) % per_16_bytes == 0 &&
-         w2.size(2) % per_16_bytes == 0 && aligned_16(x.const_data_ptr()) &&
-         aligned_16(w13.const_data_ptr()) && aligned_16(w2.const_data_ptr());
+         x.size(0) * widest_row <= std::numeric_limits<int32_t>::max() &&
+         x.size(1) % per_16_bytes == 0 && w2.size(2) % per_16_bytes == 0 &&
+         aligned_16(x.const_data_ptr()) && aligned_16(w13.const_data_ptr()) &&
+         aligned_16(w2.const_data_ptr());
 }
 
 // The values on `device`, copied on the current stream without waiting: written into a pinned
