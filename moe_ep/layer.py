@@ -212,7 +212,9 @@ class MoELayer(nn.Module):
         local FFN and combine."""
         if self.group is None:
             permuted, offsets, row_of = ops.permute(x, topk_ids, self.num_experts, check_ids=False)
-            y = ops.expert_ffn(permuted, offsets, self.w13, self.w2, self.activation)
+            y = ops.expert_ffn(
+                permuted, offsets, self.w13, self.w2, self.activation, check_offsets=False
+            )
             return ops.unpermute(y, row_of, topk_weights, check_rows=False)
         return self._expert_parallel(x, self.slot_ids(topk_ids), topk_weights, 1, None)
 
@@ -266,7 +268,9 @@ class MoELayer(nn.Module):
         the rows that arrived are computed (a rank with fewer experts than the widest one
         ignores the empty trailing groups)."""
         offsets = received.expert_offsets[: self.w13.shape[0] + 1]
-        return ops.expert_ffn(received.x_sorted, offsets, self.w13, self.w2, self.activation)
+        return ops.expert_ffn(
+            received.x_sorted, offsets, self.w13, self.w2, self.activation, check_offsets=False
+        )
 
     def start_combine(
         self, y: torch.Tensor, received: dispatcher.Dispatched | dispatcher.CapacityDispatched

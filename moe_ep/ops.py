@@ -77,24 +77,36 @@ def expert_ffn(
     w13: torch.Tensor,
     w2: torch.Tensor,
     activation: str = "silu",
+    check_offsets: bool = True,
 ) -> torch.Tensor:
     """Gated expert FFN over rows grouped by expert (a grouped GEMM, fp32 accumulation).
 
     For the rows r of expert e: y[r] = (act(x[r] @ w1[e].T) * (x[r] @ w3[e].T)) @ w2[e].T,
     where w13[e] = cat(w1[e], w3[e]); the gate/up product is rounded to x's dtype before
-    the activation, as on the GPU.
+    the activation, as on the GPU. Only the rows below expert_offsets[E] are computed: a
+    fixed-size buffer may carry unused trailing rows, and y's rows there are unspecified
+    (not zero-filled).
+
+    On CUDA the offsets may stay on the device: with MOE_EP_EXPERT_GEMM=grouped_mm (or the
+    default, auto, where torch's grouped GEMM has its fast path: bf16 on compute capability
+    9.x/10.x) nothing is read on the host and the call captures in a CUDA graph. See
+    docs/expert_ffn.md for the variants and their host reads.
 
     Args:
         x: [N, H] rows grouped by expert.
-        expert_offsets: int64 [E+1] (CPU or x's device), 0 first and N last.
+        expert_offsets: int64 [E+1] on the CPU or x's device: 0 first, non-decreasing,
+            at most N last.
         w13: [E, 2F, H] gate and up projections, x's dtype.
         w2: [E, H, F] down projections, x's dtype.
         activation: "silu" (SwiGLU) or "gelu" (GeGLU, exact erf GELU).
+        check_offsets: validate offsets that live on a GPU (one device-to-host read); pass
+            False only for offsets moe_ep produced itself. CPU offsets are always validated
+            (free).
 
     Returns:
-        [N, H] in x's dtype.
+        [N, H] in x's dtype; rows from expert_offsets[E] on are unspecified.
     """
-    return torch.ops.moe_ep.expert_ffn(x, expert_offsets, w13, w2, activation)
+    return torch.ops.moe_ep.expert_ffn(x, expert_offsets, w13, w2, activation, check_offsets)
 
 
 def unpermute(
@@ -146,7 +158,7 @@ def _permute_fake(hidden, topk_ids, num_experts, check_ids=True):
 
 
 @torch.library.register_fake("moe_ep::expert_ffn")
-def _expert_ffn_fake(x, expert_offsets, w13, w2, activation="silu"):
+def _expert_ffn_fake(x, expert_offsets, w13, w2, activation="silu", check_offsets=True):
     return x.new_empty(x.shape)
 
 

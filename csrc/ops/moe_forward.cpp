@@ -28,7 +28,7 @@ struct Ops {
                                     int64_t)>
       dispatch_finish;
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      const at::Tensor&, std::string_view)>
+                                      const at::Tensor&, std::string_view, bool)>
       expert_ffn;
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const at::Tensor&, const at::Tensor&, std::string_view)>
@@ -45,7 +45,7 @@ const Ops& ops() {
             .typed<Tensors4(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>(),
         find("moe_ep::expert_ffn")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const at::Tensor&, std::string_view)>(),
+                              const at::Tensor&, std::string_view, bool)>(),
         find("moe_ep::combine_start")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, std::string_view)>(),
@@ -79,8 +79,8 @@ at::Tensor moe_forward_impl(const at::Tensor& x, const at::Tensor& topk_ids,
     const auto [x_sorted, offsets, recv_row_of, recv_weights] =
         op.dispatch_finish.call(x_recv, meta_recv, entries, num_local_experts);
     // A rank with fewer experts than the widest one ignores the empty trailing groups.
-    const at::Tensor y =
-        op.expert_ffn.call(x_sorted, offsets.narrow(0, 0, w13.size(0) + 1), w13, w2, activation);
+    const at::Tensor y = op.expert_ffn.call(x_sorted, offsets.narrow(0, 0, w13.size(0) + 1), w13,
+                                            w2, activation, /*check_offsets=*/false);
     returning.push_back(
         op.combine_start.call(y, recv_row_of, recv_weights, recv_counts, send_counts, group_name));
   }

@@ -16,10 +16,13 @@ TORCH_LIBRARY(moe_ep, m) {
   m.def(
       "permute(Tensor hidden, Tensor topk_ids, int num_experts, bool check_ids=True) "
       "-> (Tensor, Tensor, Tensor)");
-  // Gated expert FFN over rows grouped by expert: y = (act(x W1^T) * (x W3^T)) W2^T.
+  // Gated expert FFN over rows grouped by expert: y = (act(x W1^T) * (x W3^T)) W2^T, for the
+  // rows below expert_offsets[E] only (the rest of y is unspecified). The offsets may be on the
+  // CPU or x's device; check_offsets=False trusts device offsets instead of validating them (a
+  // device-to-host read) for offsets produced by moe_ep itself.
   m.def(
       "expert_ffn(Tensor x, Tensor expert_offsets, Tensor w13, Tensor w2, "
-      "str activation=\"silu\") -> Tensor");
+      "str activation=\"silu\", bool check_offsets=True) -> Tensor");
   // Local combine: out[t] = sum_j topk_weights[t, j] * expert_out[row_of[t, j]].
   // check_rows=False skips the range check of row_of (a device-to-host read on CUDA) for
   // indices produced by moe_ep itself.

@@ -77,9 +77,12 @@ cudaError_t launch_write_status(int32_t* meta, int32_t meta_stride, int32_t stat
 
 cudaError_t launch_pack(const core::PackArgs& args, cudaStream_t stream);
 
-// expert_ffn: out[r, :ffn] = act(gate_up[r, :ffn]) * gate_up[r, ffn:] in fp32, rounded.
+// expert_ffn: out[r, :ffn] = act(gate_up[r, :ffn]) * gate_up[r, ffn:] in fp32, rounded, for
+// r < min(rows, *row_bound). row_bound is a DEVICE int64 (expert_offsets[E]: the rows that
+// arrived in a fixed-size buffer), read by the kernel; nullptr: all rows.
 cudaError_t launch_gated_activation(const void* gate_up, DType dtype, int64_t rows, int64_t ffn,
-                                    Activation activation, void* out, cudaStream_t stream);
+                                    Activation activation, const int64_t* row_bound, void* out,
+                                    cudaStream_t stream);
 
 // Row-major C[m, n] = A[m, k] @ B[n, k]^T with fp32 accumulation (cuBLAS, the handle's stream).
 cublasStatus_t gemm_nt(cublasHandle_t handle, DType dtype, int64_t m, int64_t n, int64_t k,
