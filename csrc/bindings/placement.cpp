@@ -27,6 +27,9 @@ core::PlacementModel to_model(const py::dict& d) {
   m.top_k = field(d, "top_k", m.top_k);
   m.bytes_per_expert = field(d, "bytes_per_expert", m.bytes_per_expert);
   m.dense_layer_bytes = field(d, "dense_layer_bytes", m.dense_layer_bytes);
+  m.n_group = field(d, "n_group", m.n_group);
+  m.topk_group = field(d, "topk_group", m.topk_group);
+  m.expert_group = field(d, "expert_group", m.expert_group);
   return m;
 }
 
