@@ -374,11 +374,13 @@ def rebalance_experts(
     )
     phy2log = torch.tensor([layer.phy2log for layer in placement.layers], dtype=torch.int64)
     logcnt = torch.tensor([layer.replica_count for layer in placement.layers], dtype=torch.int64)
-    width = int(logcnt.max())
-    log2phy = torch.full((layers, experts, width), -1, dtype=torch.int64)
-    for i, layer in enumerate(placement.layers):
-        for e, slots in enumerate(layer.log2phy):
-            log2phy[i, e, : len(slots)] = torch.tensor(slots, dtype=torch.int64)
+    # log2phy[l, e, r]: the r-th physical expert (in slot order) of logical expert e.
+    slot = torch.arange(num_replicas).expand(layers, -1)
+    order = (phy2log * num_replicas + slot).argsort(dim=1)
+    first = logcnt.cumsum(1) - logcnt
+    rank = torch.arange(num_replicas) - first.gather(1, phy2log.gather(1, order))
+    log2phy = torch.full((layers, experts, int(logcnt.max())), -1, dtype=torch.int64)
+    log2phy[torch.arange(layers).view(-1, 1), phy2log.gather(1, order), rank] = order
     return phy2log, log2phy, logcnt
 
 

@@ -89,7 +89,9 @@ def rebalance_experts(
     layers, experts = weight.shape
     if num_groups % num_nodes != 0:
         num_groups, num_nodes = 1, 1
-    planned = [_layer(row, num_replicas, num_groups, num_nodes, num_gpus) for row in weight.tolist()]
+    planned = [
+        _layer(row, num_replicas, num_groups, num_nodes, num_gpus) for row in weight.tolist()
+    ]
     phy2log = torch.tensor([expert for expert, _ in planned], dtype=torch.int64)
     logcnt = torch.zeros(layers, experts, dtype=torch.int64)
     for layer, (expert, _) in enumerate(planned):

@@ -146,6 +146,7 @@ SlotLayout balanced_packing(const std::vector<double>& load, int64_t slots,
   if (spread && spread->max_gpu_load() <= eplb.max_gpu_load()) return std::move(*spread);
   swap_slots_to_balance(eplb);
   separate_replicas(eplb);
+  swap_slots_to_balance(eplb);  // the separation may have left a swap that lowers the maximum
   if (spread && spread->max_gpu_load() <= eplb.max_gpu_load()) return std::move(*spread);
   return eplb;
 }

@@ -45,28 +45,37 @@ SlotLayout pack_heaviest_first(const std::vector<double>& load, const ReplicaCou
 // Lowers the largest group load by swapping one item of the heaviest group with one item of
 // another group, the swap with the lowest resulting maximum first, until no swap lowers the
 // maximum by more than min_gain (relative). Every group is a candidate: they are visited
-// lightest first, and the scan stops at the first whose load is already at or above the
-// best maximum found (a swap only adds to the lighter group). Group sizes are kept.
+// lightest first, and the scan stops at the first that cannot end both groups below the
+// best maximum found (a swap leaves the larger of the two at or above their mean).
+// Group sizes are kept.
 template <typename CanSwap>
 void swap_to_balance(std::vector<std::vector<int>>& members, std::vector<double>& group_load,
                      const std::vector<double>& item_load, CanSwap can_swap, int max_iterations,
                      double min_gain = 0.0) {
   const int num_groups = static_cast<int>(members.size());
   if (num_groups < 2) return;
-  std::vector<int> by_load(num_groups);
+  auto lighter = [&](int a, int b) {
+    return group_load[a] < group_load[b] || (group_load[a] == group_load[b] && a < b);
+  };
+  std::vector<int> by_load(num_groups);  // ascending, kept sorted as loads change
   std::iota(by_load.begin(), by_load.end(), 0);
+  std::sort(by_load.begin(), by_load.end(), lighter);
+  // Moves two groups whose loads changed back into order (both out first: lower_bound needs
+  // the rest sorted).
+  auto resort = [&](int a, int b) {
+    by_load.erase(std::find(by_load.begin(), by_load.end(), a));
+    by_load.erase(std::find(by_load.begin(), by_load.end(), b));
+    for (int group : {a, b}) {
+      by_load.insert(std::lower_bound(by_load.begin(), by_load.end(), group, lighter), group);
+    }
+  };
   for (int iteration = 0; iteration < max_iterations; ++iteration) {
-    const int heavy = static_cast<int>(std::max_element(group_load.begin(), group_load.end()) -
-                                       group_load.begin());
-    std::sort(by_load.begin(), by_load.end(), [&](int a, int b) {
-      return group_load[a] < group_load[b] || (group_load[a] == group_load[b] && a < b);
-    });
+    const int heavy = by_load.back();
     const double top = group_load[heavy];
     double best = top - std::max(improvement_epsilon(top), min_gain * top);
     int best_light = -1, best_x = -1, best_y = -1;
     for (int light : by_load) {
-      if (group_load[light] >= best) break;
-      if (light == heavy) continue;
+      if (group_load[light] >= 2 * best - top) break;
       for (int x = 0; x < static_cast<int>(members[heavy].size()); ++x) {
         for (int y = 0; y < static_cast<int>(members[light].size()); ++y) {
           const double shift = item_load[members[heavy][x]] - item_load[members[light][y]];
@@ -86,6 +95,7 @@ void swap_to_balance(std::vector<std::vector<int>>& members, std::vector<double>
     std::swap(members[heavy][best_x], members[best_light][best_y]);
     group_load[heavy] -= shift;
     group_load[best_light] += shift;
+    resort(heavy, best_light);
   }
 }
 

@@ -85,41 +85,47 @@ class Replan {
   // then (node_step) slot swaps between nodes for the link load.
   void search(const ClusterSpec& cluster, bool node_step, const std::vector<int>& samples,
               int top_k) {
+    cluster_ = &cluster;
+    samples_ = &samples;
+    top_k_ = top_k;
+    link_matters_ = node_step && cluster.num_nodes > 1;
     start_ = {experts_of_gpu_, gpus_of_expert_, count_, gpu_load_, moves_};
     forced_ = moves_;
     recording_ = true;
     record(kUnknownLink);
     transfer_replicas();
     swap_slots();
-    if (node_step && cluster.num_nodes > 1) lower_link_load(cluster, samples, top_k);
+    if (link_matters_) lower_link_load();
     recording_ = false;
   }
 
-  // Returns to the best recorded state whose optional moves fit `budget` (-1: any): the
-  // lowest GPU maximum, then the lowest link load, then the fewest moves.
+  // Goes to the best recorded state whose optional moves fit `budget` (-1: any): the lowest
+  // GPU maximum, then the lowest link load (computed here for the states that tie and had
+  // none), then the fewest moves.
   void rewind(int budget) {
-    size_t best = 0;
-    for (size_t i = 1; i < states_.size(); ++i) {
-      const State& s = states_[i];
-      if (budget >= 0 && s.moves - forced_ > budget) continue;
-      if (std::tie(s.gpu_max, s.link, s.moves) <
-          std::tie(states_[best].gpu_max, states_[best].link, states_[best].moves)) {
+    std::vector<size_t> tied;
+    for (size_t i = 0; i < states_.size(); ++i) {
+      if (budget >= 0 && states_[i].moves - forced_ > budget) continue;
+      if (!tied.empty() && states_[i].gpu_max > states_[tied[0]].gpu_max) continue;
+      if (!tied.empty() && states_[i].gpu_max < states_[tied[0]].gpu_max) tied.clear();
+      tied.push_back(i);
+    }
+    size_t best = tied[0];
+    if (tied.size() > 1 && link_matters_) {
+      for (size_t i : tied) {
+        if (states_[i].link == kUnknownLink) {
+          go_to(i);
+          states_[i].link = busiest_node_copies();
+        }
+      }
+    }
+    for (size_t i : tied) {
+      if (std::tie(states_[i].link, states_[i].moves) <
+          std::tie(states_[best].link, states_[best].moves)) {
         best = i;
       }
     }
-    experts_of_gpu_ = start_.experts_of_gpu;
-    gpus_of_expert_ = start_.gpus_of_expert;
-    count_ = start_.count;
-    gpu_load_ = start_.gpu_load;
-    moves_ = start_.moves;
-    for (size_t i = 0; i < states_[best].ops; ++i) {
-      const Op& op = ops_[i];
-      if (op.add) {
-        add(op.gpu, op.expert);
-      } else {
-        remove(op.gpu, op.expert);
-      }
-    }
+    go_to(best);
   }
 
   int moves() const { return moves_; }
@@ -135,7 +141,7 @@ class Replan {
   struct State {
     size_t ops;       // ops_ applied from the start
     int64_t gpu_max;  // the largest GPU load in units of load_unit_ (ties are ties)
-    double link;      // the busiest node's copies (kUnknownLink outside the link search)
+    double link;      // the busiest node's copies (kUnknownLink: not computed yet)
     int moves;
   };
   struct Snapshot {
@@ -320,20 +326,50 @@ class Replan {
     add(gy, x);
   }
 
-  // The node step: slot swaps between nodes that lower the busiest node's copies without
-  // raising the largest GPU load (link_search.h).
-  void lower_link_load(const ClusterSpec& cluster, const std::vector<int>& samples, int top_k) {
+  // The state after the first states_[i].ops recorded operations.
+  void go_to(size_t i) {
+    experts_of_gpu_ = start_.experts_of_gpu;
+    gpus_of_expert_ = start_.gpus_of_expert;
+    count_ = start_.count;
+    gpu_load_ = start_.gpu_load;
+    moves_ = start_.moves;
+    const bool recording = recording_;
+    recording_ = false;
+    for (size_t k = 0; k < states_[i].ops; ++k) {
+      const Op& op = ops_[k];
+      if (op.add) {
+        add(op.gpu, op.expert);
+      } else {
+        remove(op.gpu, op.expert);
+      }
+    }
+    recording_ = recording;
+  }
+
+  SlotLayout current_layout() const {
     SlotLayout layout(num_gpus_);
     for (int g = 0; g < num_gpus_; ++g) {
       for (int e : experts_of_gpu_[g]) layout.add(e, per_replica(e), g);
     }
-    NodeHits hits(layout, count_, load_, cluster, samples, top_k);
+    return layout;
+  }
+
+  double busiest_node_copies() const {
+    const NodeHits hits(current_layout(), count_, load_, *cluster_, *samples_, top_k_);
+    return hits.hits()[hits.busiest()];
+  }
+
+  // The node step: slot swaps between nodes that lower the busiest node's copies without
+  // raising the largest GPU load (link_search.h).
+  void lower_link_load() {
+    SlotLayout layout = current_layout();
+    NodeHits hits(layout, count_, load_, *cluster_, *samples_, top_k_);
     auto busiest = [&] { return hits.hits()[hits.busiest()]; };
     states_.back().link = busiest();
     LinkSearchOptions options;
     options.gpu_cap = gpu_max();
-    options.max_swaps = std::max(2 * cluster.num_nodes, layout.num_slots());
-    lower_busiest_node(layout, hits, cluster, options, [&](int x, int y) {
+    options.max_swaps = std::max(2 * cluster_->num_nodes, layout.num_slots());
+    lower_busiest_node(layout, hits, *cluster_, options, [&](int x, int y) {
       // Slot x now sits where y was and the other way round.
       exchange(layout.slot_gpu[y], layout.slot_expert[x], layout.slot_gpu[x],
                layout.slot_expert[y]);
@@ -353,6 +389,10 @@ class Replan {
   double load_unit_ = 1.0;
   bool recording_ = false;
   int forced_ = 0;
+  const ClusterSpec* cluster_ = nullptr;
+  const std::vector<int>* samples_ = nullptr;
+  int top_k_ = 1;
+  bool link_matters_ = false;
   Snapshot start_;
   std::vector<Op> ops_;
   std::vector<State> states_;
