@@ -54,6 +54,65 @@ std::pair<int, int> feasible_slots(const SlotLayout& layout, const std::vector<i
 
 }  // namespace
 
+void gather_coactivated(SlotLayout& layout, const std::vector<int>& count,
+                        const ClusterSpec& cluster, const std::vector<int>& samples, int top_k,
+                        const LinkSearchOptions& options) {
+  const int num_experts = static_cast<int>(count.size()), num_nodes = cluster.num_nodes;
+  const double cap = options.gpu_cap + improvement_epsilon(options.gpu_cap);
+  // together[e][f]: samples holding both; pull[e][m]: e's partners on node m, by share.
+  std::vector<double> together(static_cast<size_t>(num_experts) * num_experts, 0.0);
+  for (size_t row = 0; row < samples.size(); row += top_k) {
+    for (int i = 0; i < top_k; ++i) {
+      for (int j = 0; j < top_k; ++j) {
+        if (i != j)
+          together[samples[row + i] * static_cast<size_t>(num_experts) + samples[row + j]] += 1;
+      }
+    }
+  }
+  std::vector<double> pull(static_cast<size_t>(num_experts) * num_nodes, 0.0);
+  auto shift_pull = [&](int f, int node, double sign) {
+    for (int e = 0; e < num_experts; ++e) {
+      const double w = together[e * static_cast<size_t>(num_experts) + f];
+      if (w != 0) pull[e * static_cast<size_t>(num_nodes) + node] += sign * w / count[f];
+    }
+  };
+  for (int s = 0; s < layout.num_slots(); ++s) {
+    shift_pull(layout.slot_expert[s], cluster.node_of(layout.slot_gpu[s]), 1.0);
+  }
+  auto pull_of = [&](int e, int node) { return pull[e * static_cast<size_t>(num_nodes) + node]; };
+  for (int swaps = 0; swaps < options.max_swaps; ++swaps) {
+    double best_gain = 1e-9;
+    int best_x = -1, best_y = -1;
+    for (int x = 0; x < layout.num_slots(); ++x) {
+      const int ex = layout.slot_expert[x], gx = layout.slot_gpu[x], a = cluster.node_of(gx);
+      for (int y = x + 1; y < layout.num_slots(); ++y) {
+        const int ey = layout.slot_expert[y], gy = layout.slot_gpu[y], b = cluster.node_of(gy);
+        if (a == b || ex == ey) continue;
+        // x leaves a for b, y leaves b for a; their own pair moves past each other.
+        const double gain =
+            (pull_of(ex, b) - pull_of(ex, a)) / count[ex] +
+            (pull_of(ey, a) - pull_of(ey, b)) / count[ey] -
+            2 * together[ex * static_cast<size_t>(num_experts) + ey] / (count[ex] * count[ey]);
+        if (gain <= best_gain) continue;
+        const double shift = layout.slot_load[x] - layout.slot_load[y];
+        if (layout.gpu_load[gx] - shift > cap || layout.gpu_load[gy] + shift > cap) continue;
+        if (layout.holds(gy, ex) || layout.holds(gx, ey)) continue;
+        best_gain = gain;
+        best_x = x;
+        best_y = y;
+      }
+    }
+    if (best_x < 0) return;
+    const int a = cluster.node_of(layout.slot_gpu[best_x]);
+    const int b = cluster.node_of(layout.slot_gpu[best_y]);
+    shift_pull(layout.slot_expert[best_x], a, -1.0);
+    shift_pull(layout.slot_expert[best_x], b, 1.0);
+    shift_pull(layout.slot_expert[best_y], b, -1.0);
+    shift_pull(layout.slot_expert[best_y], a, 1.0);
+    layout.exchange(best_x, best_y);
+  }
+}
+
 int lower_busiest_node(SlotLayout& layout, NodeHits& hits, const ClusterSpec& cluster,
                        const LinkSearchOptions& options,
                        const std::function<void(int, int)>& on_swap) {

@@ -22,6 +22,16 @@ struct LinkSearchOptions {
   int max_swaps = 0;
 };
 
+// Slot swaps between nodes that raise the co-activation kept inside nodes: the number of
+// sampled (token, pair of its experts) on one node, each replica counting its share. Unlike
+// the busiest node's copies, which move only once nearly all of a token's experts share a
+// node, this rises with every partner gathered, so it can lead a layout from scattered
+// topics to gathered ones. The best swap (largest gain) first, within the GPU cap and
+// without doubles, while one gains; at most options.max_swaps.
+void gather_coactivated(SlotLayout& layout, const std::vector<int>& count,
+                        const ClusterSpec& cluster, const std::vector<int>& samples, int top_k,
+                        const LinkSearchOptions& options);
+
 // Swaps slots while a swap lowers the busiest node's copies (the swap whose two nodes end
 // lowest first); no GPU ever holds two replicas of one expert. on_swap(x, y) follows every
 // swap of slots x and y. Returns the number of swaps.

@@ -58,17 +58,30 @@ std::vector<int> replicas_in(const SlotLayout& layout, int num_experts) {
   return count;
 }
 
-// The link search of a fresh plan (link_search.h) under the layout's own GPU maximum;
-// returns the busiest node's copies after it.
+// The link search of a fresh plan (link_search.h) under the layout's own GPU maximum: from
+// the layout as it is, and from the layout with co-activated experts gathered first; the
+// one whose busiest node ends with fewer copies. Returns those copies.
 double lower_link_load(SlotLayout& layout, const std::vector<double>& load,
                        const ClusterSpec& cluster, const std::vector<int>& samples, int top_k) {
   const std::vector<int> count = replicas_in(layout, static_cast<int>(load.size()));
-  NodeHits hits(layout, count, load, cluster, samples, top_k);
   LinkSearchOptions options;
   options.gpu_cap = layout.max_gpu_load();
   options.max_swaps = std::max(2 * cluster.num_nodes, layout.num_slots());
-  lower_busiest_node(layout, hits, cluster, options);
-  return hits.hits()[hits.busiest()];
+  auto search = [&](SlotLayout& candidate) {
+    NodeHits hits(candidate, count, load, cluster, samples, top_k);
+    lower_busiest_node(candidate, hits, cluster, options);
+    return hits.hits()[hits.busiest()];
+  };
+  SlotLayout gathered = layout;
+  const double direct = search(layout);
+  // Gathering compares every pair of slots per swap: only where that stays cheap.
+  constexpr int kMostSlotsToGather = 1024;
+  if (layout.num_slots() > kMostSlotsToGather) return direct;
+  gather_coactivated(gathered, count, cluster, samples, top_k, options);
+  const double via_gathering = search(gathered);
+  if (via_gathering >= direct) return direct;
+  layout = std::move(gathered);
+  return via_gathering;
 }
 
 // A fresh plan of one MoE layer (see the policies in placement.h), on real GPUs.
