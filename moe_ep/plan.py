@@ -331,11 +331,10 @@ def rebalance_experts(
             raise ValueError(f"{name}: must be >= 1, got {value}")
     if num_gpus % num_nodes:
         raise ValueError(f"num_gpus: {num_gpus} is not a multiple of num_nodes {num_nodes}")
-    if num_replicas % num_gpus or not experts <= num_replicas <= experts * num_gpus:
+    if num_replicas % num_gpus or num_replicas < experts:
         raise ValueError(
-            f"num_replicas: expected a multiple of num_gpus ({num_gpus}) in [{experts}, "
-            f"{experts * num_gpus}] (experts to one replica of each expert per GPU), got "
-            f"{num_replicas}"
+            f"num_replicas: expected a multiple of num_gpus ({num_gpus}), at least the "
+            f"{experts} experts, got {num_replicas}"
         )
     if num_groups < 1:
         raise ValueError(f"num_groups: must be >= 1, got {num_groups}")
@@ -379,7 +378,8 @@ def rebalance_experts(
     order = (phy2log * num_replicas + slot).argsort(dim=1)
     first = logcnt.cumsum(1) - logcnt
     rank = torch.arange(num_replicas) - first.gather(1, phy2log.gather(1, order))
-    log2phy = torch.full((layers, experts, int(logcnt.max())), -1, dtype=torch.int64)
+    width = max(max(layer.replica_count) for layer in placement.layers)
+    log2phy = torch.full((layers, experts, width), -1, dtype=torch.int64)
     log2phy[torch.arange(layers).view(-1, 1), phy2log.gather(1, order), rank] = order
     return phy2log, log2phy, logcnt
 

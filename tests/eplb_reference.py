@@ -15,6 +15,8 @@ item per pack, item i goes to pack i.
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 
 
@@ -23,16 +25,15 @@ def _pack(weights: list[float], num_packs: int) -> list[tuple[int, int]]:
     per_pack = len(weights) // num_packs
     if per_pack == 1:
         return [(i, 0) for i in range(len(weights))]
-    pack_load = [0.0] * num_packs
+    open_packs = [(0.0, p) for p in range(num_packs)]  # (load, pack): lightest, lowest first
     pack_size = [0] * num_packs
     result = [(-1, -1)] * len(weights)
     for item in sorted(range(len(weights)), key=lambda i: -weights[i]):
-        pack = min(
-            (p for p in range(num_packs) if pack_size[p] < per_pack), key=pack_load.__getitem__
-        )
+        load, pack = heapq.heappop(open_packs)
         result[item] = (pack, pack_size[pack])
-        pack_load[pack] += weights[item]
         pack_size[pack] += 1
+        if pack_size[pack] < per_pack:
+            heapq.heappush(open_packs, (load + weights[item], pack))
     return result
 
 
@@ -42,11 +43,14 @@ def _replicate(loads: list[float], slots: int) -> tuple[list[int], list[int], li
     count = [1] * len(loads)
     expert = list(range(len(loads)))
     rank = [0] * len(loads)
+    hottest = [(-load, e) for e, load in enumerate(loads)]  # highest load per replica first
+    heapq.heapify(hottest)
     for _ in range(slots - len(loads)):
-        best = max(range(len(loads)), key=lambda e: loads[e] / count[e])
+        _, best = heapq.heappop(hottest)
         expert.append(best)
         rank.append(count[best])
         count[best] += 1
+        heapq.heappush(hottest, (-loads[best] / count[best], best))
     return expert, rank, count
 
 
@@ -92,16 +96,17 @@ def rebalance_experts(
     planned = [
         _layer(row, num_replicas, num_groups, num_nodes, num_gpus) for row in weight.tolist()
     ]
-    phy2log = torch.tensor([expert for expert, _ in planned], dtype=torch.int64)
-    logcnt = torch.zeros(layers, experts, dtype=torch.int64)
+    counts = [[0] * experts for _ in range(layers)]
     for layer, (expert, _) in enumerate(planned):
         for e in expert:
-            logcnt[layer, e] += 1
-    log2phy = torch.full((layers, experts, int(logcnt.max())), -1, dtype=torch.int64)
+            counts[layer][e] += 1
+    width = max(max(row) for row in counts)
+    slots = [[[-1] * width for _ in range(experts)] for _ in range(layers)]
     for layer, (expert, rank) in enumerate(planned):
         for phy, (e, r) in enumerate(zip(expert, rank, strict=True)):
-            log2phy[layer, e, r] = phy
-    return phy2log, log2phy, logcnt
+            slots[layer][e][r] = phy
+    phy2log = torch.tensor([expert for expert, _ in planned], dtype=torch.int64)
+    return phy2log, torch.tensor(slots, dtype=torch.int64), torch.tensor(counts, dtype=torch.int64)
 
 
 def gpu_loads(phy2log: torch.Tensor, weight: torch.Tensor, num_gpus: int) -> torch.Tensor:

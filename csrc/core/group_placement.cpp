@@ -89,13 +89,10 @@ class GroupsOnNodes {
     return plan;
   }
 
-  // Copies a node holding `groups` receives (see the header).
+  bool has_samples() const { return !sample_start_.empty(); }
+
+  // Sampled token copies a node holding `groups` receives (step 3).
   double copies(const std::vector<int>& groups) const {
-    if (sample_start_.empty()) {
-      double sum = 0.0;
-      for (int g : groups) sum += group_load_[g];
-      return sum;
-    }
     int touched = 0;
     for (size_t s = 0; s + 1 < sample_start_.size(); ++s) {
       for (int i = sample_start_[s]; i < sample_start_[s + 1]; ++i) {
@@ -134,7 +131,7 @@ std::optional<SlotLayout> place_groups_on_nodes(const std::vector<double>& load,
     auto plan = model.plan_node(n, groups[n]);
     if (!plan) return std::nullopt;
     plans.push_back(std::move(*plan));
-    copies[n] = model.copies(groups[n]);
+    if (model.has_samples()) copies[n] = model.copies(groups[n]);
   }
   auto gpu_max = [&] {
     double most = 0.0;
@@ -144,7 +141,7 @@ std::optional<SlotLayout> place_groups_on_nodes(const std::vector<double>& load,
 
   // Step 3. Candidates: (the larger of the two nodes' copies after, light node, i, j).
   std::vector<std::tuple<double, int, int, int, double, double>> candidates;
-  for (int iteration = 0; iteration < 4 * num_groups; ++iteration) {
+  for (int iteration = 0; model.has_samples() && iteration < 4 * num_groups; ++iteration) {
     const int heavy =
         static_cast<int>(std::max_element(copies.begin(), copies.end()) - copies.begin());
     const double top = copies[heavy];

@@ -7,14 +7,13 @@
 //   2. per node: replica counts and balanced packing (balanced_packing.h) over the node's
 //      experts, ordered as EPLB orders them (the node's groups in the order they came, the
 //      experts of a group by id), its slots and its GPUs;
-//   3. group swaps between the node that receives the most token copies and any other, the
+//   3. with co-activation samples: group swaps between the node that receives the most
+//      token copies (the sampled tokens that touch one of its groups) and any other, the
 //      swap whose two nodes end lowest first, while a swap lowers that node's copies and
-//      leaves every GPU at or below the largest GPU load before it. A node's copies are
-//      the sampled tokens that touch one of its groups (co-activation samples), or without
-//      samples its load, EPLB's own measure.
-// Steps 2 and 3 only lower EPLB's maxima: the step-1 layout with EPLB's per-node packing is
-// where the search starts, and each step keeps both the GPU and the node maximum or lowers
-// them.
+//      leaves every GPU at or below the largest GPU load before it.
+// Step 2 only lowers EPLB's GPU maximum (it starts from EPLB's packing of every node). A
+// node's copies depend only on the groups it holds, so without samples the groups stay
+// where EPLB puts them and the link load is EPLB's; with samples step 3 only lowers it.
 #pragma once
 
 #include <optional>
