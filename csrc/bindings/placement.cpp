@@ -114,8 +114,15 @@ void bind_placement(py::module_& m) {
       "plan_placement",
       [](const py::dict& model, const py::dict& cluster, const py::list& stats,
          const py::dict& options) {
-        const auto plan = core::plan_placement(to_model(model), to_cluster(cluster),
-                                               to_stats(stats), to_options(options));
+        const auto core_model = to_model(model);
+        const auto core_cluster = to_cluster(cluster);
+        const auto core_stats = to_stats(stats);
+        const auto core_options = to_options(options);
+        core::Placement plan;
+        {
+          py::gil_scoped_release release;  // the planner touches no Python object
+          plan = core::plan_placement(core_model, core_cluster, core_stats, core_options);
+        }
         return to_dict(plan);
       },
       py::arg("model"), py::arg("cluster"), py::arg("stats"), py::arg("options"),

@@ -38,12 +38,22 @@ SlotLayout pack_heaviest_first(const std::vector<double>& load, const ReplicaCou
   auto per_replica = [&](int slot) {
     return load[slot_expert[slot]] / counts.count[slot_expert[slot]];
   };
+  SlotLayout layout(num_gpus);
+  if (*std::max_element(capacity.begin(), capacity.end()) == 1) {
+    // One slot per GPU: every order gives the same loads; EPLB puts slot p on GPU p.
+    int slot = 0;
+    for (int g = 0; g < num_gpus; ++g) {
+      if (capacity[g] == 0) continue;
+      layout.add(slot_expert[slot], per_replica(slot), g);
+      ++slot;
+    }
+    return layout;
+  }
   std::vector<int> order(slot_expert.size());
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(),
                    [&](int a, int b) { return per_replica(a) > per_replica(b); });
 
-  SlotLayout layout(num_gpus);
   std::vector<int> room = capacity;
   std::set<std::pair<double, int>> open;  // (load, gpu) of GPUs with room
   for (int g = 0; g < num_gpus; ++g) {

@@ -3,11 +3,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <exception>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <optional>
 #include <set>
 #include <stdexcept>
+#include <thread>
 #include <utility>
 
 #include "core/balanced_packing.h"
@@ -255,6 +258,30 @@ int64_t choose_slots(const PlacementModel& model, const ClusterSpec& cluster,
   return low;
 }
 
+// Runs work(0) .. work(count - 1) on the machine's cores (the layers of a plan are
+// independent); rethrows the first exception in index order.
+void in_parallel(size_t count, const std::function<void(size_t)>& work) {
+  const size_t workers = std::max<size_t>(
+      1, std::min<size_t>(count, std::max(1u, std::thread::hardware_concurrency())));
+  std::vector<std::exception_ptr> errors(count);
+  auto run = [&](size_t first) {
+    for (size_t i = first; i < count; i += workers) {
+      try {
+        work(i);
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
+    }
+  };
+  std::vector<std::thread> threads;
+  for (size_t w = 1; w < workers; ++w) threads.emplace_back(run, w);
+  run(0);
+  for (auto& thread : threads) thread.join();
+  for (const auto& error : errors) {
+    if (error) std::rethrow_exception(error);
+  }
+}
+
 }  // namespace
 
 double gated_ffn_bytes(int64_t hidden, int64_t ffn_hidden, int64_t dtype_bytes) {
@@ -402,7 +429,12 @@ Placement plan_placement(const PlacementModel& model, const ClusterSpec& cluster
                                 budget - dense_per_gpu);
   static const LayerStats kNoStats;
   int64_t offset = 0;  // first GPU of the rotating extra slots (or of the sequential count)
+  std::vector<int64_t> first_extra(moe_layers.size());
   for (size_t i = 0; i < moe_layers.size(); ++i) {
+    first_extra[i] = offset;
+    offset = sequential ? offset + model.experts_per_layer : (offset + slots % num_gpus) % num_gpus;
+  }
+  auto plan_layer = [&](size_t i) {
     const LayerStats& layer_stats = stats.empty() ? kNoStats : stats[i];
     LayerPlacement& layer = plan.layers[moe_layers[i]];
     if (sequential) {
@@ -411,16 +443,17 @@ Placement plan_placement(const PlacementModel& model, const ClusterSpec& cluster
       for (int e = 0; e < model.experts_per_layer; ++e) {
         layer.phy2log.push_back(e);
         layer.log2phy.push_back({e});
-        layer.gpus.push_back(static_cast<int>((offset + e) % num_gpus));
+        layer.gpus.push_back(static_cast<int>((first_extra[i] + e) % num_gpus));
       }
-      offset += model.experts_per_layer;
     } else {
       layer = plan_moe_layer(moe_layers[i], layer_stats, model, cluster, options, slots,
-                             layer_capacity(slots, num_gpus, offset));
-      offset = (offset + slots % num_gpus) % num_gpus;
+                             layer_capacity(slots, num_gpus, first_extra[i]));
     }
     layer.metrics = evaluate_layer(layer, cluster, layer_stats, model.top_k);
-    for (int gpu : layer.gpus) plan.gpu_memory_used[gpu] += model.bytes_per_expert;
+  };
+  in_parallel(moe_layers.size(), plan_layer);
+  for (int l : moe_layers) {
+    for (int gpu : plan.layers[l].gpus) plan.gpu_memory_used[gpu] += model.bytes_per_expert;
   }
   for (int dense : model.dense_layers) {
     LayerPlacement& layer = plan.layers[dense];
