@@ -78,7 +78,7 @@ double lower_link_load(SlotLayout& layout, const std::vector<double>& load,
   SlotLayout gathered = layout;
   const double direct = search(layout);
   // Gathering compares every pair of slots per swap: only where that stays cheap.
-  constexpr int kMostSlotsToGather = 1024;
+  constexpr int kMostSlotsToGather = 512;
   if (layout.num_slots() > kMostSlotsToGather) return direct;
   gather_coactivated(gathered, count, cluster, samples, top_k, options);
   const double via_gathering = search(gathered);

@@ -40,10 +40,12 @@
 //               * otherwise the GPUs' contents are permuted across nodes to balance node
 //                 load (node_assignment.h), keeping the per-GPU balance exactly;
 //               * with co-activation samples: slot swaps between nodes that lower the
-//                 busiest node's copies, no GPU rising above the GPU maximum
-//                 (link_search.h); and where groups are kept on nodes, the group-free
-//                 plan replaces the grouped one when it is no worse in both maxima.
-//               Searches are local: lower, not optimal.
+//                 busiest node's copies, no GPU rising above the GPU maximum, from the
+//                 layout as it is and (up to 512 slots a layer) from one where experts
+//                 chosen together were gathered first, the better of the two
+//                 (link_search.h); where groups are kept on nodes, the group-free plan
+//                 replaces the grouped one when it is no worse in both maxima.
+//               Searches are local: lower, not optimal. Layers are planned in parallel.
 //   kGreedy     EPLB's global policy as published: its replica counts and packing (two
 //               replicas of an expert may share a GPU), no swaps, no node step.
 //   kSequential the seeds' layout: expert slots numbered layer by layer
