@@ -225,6 +225,40 @@ def plan(
     only what lowers the load, at most ``max_moves`` optional (GPU, expert) copies per layer
     beyond those a change of slot count forces (-1: no limit); each layer's ``moves`` counts
     the copies. Raises ValueError naming the bad field."""
+    raw = _plan_raw(
+        model,
+        cluster,
+        loads,
+        coactivation,
+        policy,
+        redundant_experts,
+        memory_reserve_bytes,
+        topology_aware,
+        previous,
+        max_moves,
+    )
+    return Placement(
+        model=model,
+        cluster=cluster,
+        policy=policy,
+        layers=tuple(_layer_from_dict(layer) for layer in raw["layers"]),
+        gpu_memory_used=tuple(raw["gpu_memory_used"]),
+    )
+
+
+def _plan_raw(
+    model: Model,
+    cluster: Cluster,
+    loads: Sequence[Sequence[float]] | None,
+    coactivation: Sequence[Sequence[Sequence[int]]] | None,
+    policy: str,
+    redundant_experts: int,
+    memory_reserve_bytes: float,
+    topology_aware: bool,
+    previous: Sequence[LayerPlacement] | None,
+    max_moves: int,
+) -> dict:
+    """plan() up to the planner's plain dicts (see plan() for the arguments)."""
     if policy not in POLICIES:
         raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
     num_moe = len(model.moe_layers)
@@ -256,14 +290,7 @@ def plan(
         "dense_layers": list(model.dense_layers),
         "expert_group": list(model.expert_group),
     }
-    raw = _C.plan_placement(model_dict, dataclasses.asdict(cluster), stats, options)
-    return Placement(
-        model=model,
-        cluster=cluster,
-        policy=policy,
-        layers=tuple(_layer_from_dict(layer) for layer in raw["layers"]),
-        gpu_memory_used=tuple(raw["gpu_memory_used"]),
-    )
+    return _C.plan_placement(model_dict, dataclasses.asdict(cluster), stats, options)
 
 
 def zipf_loads(
@@ -362,23 +389,26 @@ def rebalance_experts(
         ]
     model = Model(layers, (), experts, top_k, 1.0, 0.0, n_group, topk_group)
     cluster = Cluster(num_nodes=num_nodes, gpus_per_node=num_gpus // num_nodes, gpu_memory_bytes=0)
-    placement = plan(
+    planned = _plan_raw(
         model,
         cluster,
-        loads=weight.tolist(),
-        coactivation=samples,
-        redundant_experts=num_replicas - experts,
-        previous=previous_layers,
-        max_moves=max_moves,
-    )
-    phy2log = torch.tensor([layer.phy2log for layer in placement.layers], dtype=torch.int64)
-    logcnt = torch.tensor([layer.replica_count for layer in placement.layers], dtype=torch.int64)
+        weight.tolist(),
+        samples,
+        "balanced",
+        num_replicas - experts,
+        0.0,
+        True,
+        previous_layers,
+        max_moves,
+    )["layers"]
+    phy2log = torch.tensor([layer["phy2log"] for layer in planned], dtype=torch.int64)
+    logcnt = torch.tensor([layer["replica_count"] for layer in planned], dtype=torch.int64)
     # log2phy[l, e, r]: the r-th physical expert (in slot order) of logical expert e.
     slot = torch.arange(num_replicas).expand(layers, -1)
     order = (phy2log * num_replicas + slot).argsort(dim=1)
     first = logcnt.cumsum(1) - logcnt
     rank = torch.arange(num_replicas) - first.gather(1, phy2log.gather(1, order))
-    width = max(max(layer.replica_count) for layer in placement.layers)
+    width = max(max(layer["replica_count"]) for layer in planned)
     log2phy = torch.full((layers, experts, width), -1, dtype=torch.int64)
     log2phy[torch.arange(layers).view(-1, 1), phy2log.gather(1, order), rank] = order
     return phy2log, log2phy, logcnt
