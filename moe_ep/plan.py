@@ -448,7 +448,9 @@ def main(argv: Sequence[str] | None = None) -> Placement:
     model, cluster = preset.model, preset.cluster
     if args.experts is not None:
         model = dataclasses.replace(model, experts_per_layer=args.experts)
-    for name in ("top_k", "n_group", "topk_group"):
+    if args.n_group is not None:  # the preset's topk_group belongs to its groups
+        model = dataclasses.replace(model, n_group=args.n_group, topk_group=0)
+    for name in ("top_k", "topk_group"):
         if getattr(args, name) is not None:
             model = dataclasses.replace(model, **{name: getattr(args, name)})
     if args.gpus_per_node is not None:

@@ -118,6 +118,17 @@ def test_cli_prints_summary_and_writes_json(tmp_path, capsys):
     assert "max inter-node link load" in printed
     assert Placement.load(str(out)) == placement
     assert len(placement.layers[3].phy2log) == 5 * 64  # 256 experts + one spare slot per GPU
+    # The preset's groups (8 of 32 experts, 4 per token) stay whole on the 8 nodes; with
+    # --n-group 1 the same run ignores them.
+    layer = placement.layers[3]
+    assert all(
+        len({g // 8 for g, e in zip(layer.gpus, layer.phy2log, strict=True) if e // 32 == group})
+        == 1
+        for group in range(8)
+    )
+    ungrouped = planner.main([*args, "--n-group", "1", "--out", str(tmp_path / "flat.json")])
+    assert ungrouped.model.n_group == 1 and ungrouped.layers[3].phy2log != layer.phy2log
+    capsys.readouterr()
     # Re-plan from it for other loads: few copies, within the budget.
     again = tmp_path / "v3-next.json"
     args = ["--preset", "deepseek-v3", "--gpus", "64", "--zipf", "1.5", "--out", str(again)]
