@@ -56,6 +56,12 @@ class MoELayer(nn.Module):
             bench_overlap.py on Gloo: chunking only added per-chunk costs, see
             benchmarks/RESULTS.md), 2 for CUDA tensors (NCCL's own stream can carry one chunk
             while another computes; not yet measured).
+        dispatch_dtype: the dtype the tokens travel in to the experts' ranks: the layer's
+            dtype (default), or torch.float8_e4m3fn: FP8 with one float32 scale per 128
+            channels of a token (about half the bytes; the experts get the tokens back in the
+            layer's dtype, and combine stays in it; accuracy cost in docs/dispatch.md, "FP8
+            dispatch"). Every rank must use the same. Without a group there is no dispatch
+            and it changes nothing.
 
     Input [..., H] in the experts' dtype; output of the same shape and dtype. Under expert
     parallelism every rank of the group must call forward together (T may differ, even be 0).
@@ -83,8 +89,14 @@ class MoELayer(nn.Module):
         capacity: int | None = None,
         on_overflow: str = "report",
         num_chunks: int | None = None,
+        dispatch_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if dispatch_dtype not in (None, dtype, torch.float8_e4m3fn):
+            raise ValueError(
+                f"dispatch_dtype must be the layer's dtype ({dtype}) or torch.float8_e4m3fn, "
+                f"got {dispatch_dtype}"
+            )
         if dispatch_mode not in ("exact", "capacity"):
             raise ValueError(f"dispatch_mode must be 'exact' or 'capacity', got {dispatch_mode!r}")
         if dispatch_mode == "capacity" and (capacity is None or capacity < 1):
@@ -100,6 +112,7 @@ class MoELayer(nn.Module):
         self.dispatch_mode, self.capacity, self.on_overflow = dispatch_mode, capacity, on_overflow
         self.dispatch_status: list[torch.Tensor] = []  # capacity mode: statuses not yet checked
         self.num_chunks = num_chunks
+        self.dispatch_dtype = dispatch_dtype or dtype
         self.group = group
         if group is not None:
             placement = placement or ExpertPlacement.contiguous(num_experts, group.size())
@@ -237,12 +250,19 @@ class MoELayer(nn.Module):
         capacity mode with ceil(capacity / num_chunks) rows per chunk and rank."""
         if (mode or self.dispatch_mode) == "exact":
             return dispatcher.dispatch_chunks(
-                x, slots, topk_weights, self.placement, num_chunks, self.group
+                x, slots, topk_weights, self.placement, num_chunks, self.group, self.dispatch_dtype
             )
         capacity = -(-self.capacity // num_chunks)
         return [
             dispatcher.dispatch_capacity(
-                xc, sc, wc, self.placement, capacity, self.group, async_op=True
+                xc,
+                sc,
+                wc,
+                self.placement,
+                capacity,
+                self.group,
+                async_op=True,
+                dispatch_dtype=self.dispatch_dtype,
             )
             for xc, sc, wc in zip(
                 x.tensor_split(num_chunks),
@@ -305,6 +325,7 @@ class MoELayer(nn.Module):
                 self.activation,
                 num_chunks,
                 self.group,
+                self.dispatch_dtype,
             )
         routed, extra = pipeline.run_layer(self, x, slots, topk_weights, num_chunks, overlap_fn)
         if self.dispatch_mode == "capacity" and self.on_overflow != "report":

@@ -115,3 +115,73 @@ def moe_layer_torch(
         act = F.silu(gate) if activation == "silu" else F.gelu(gate)
         out.index_add_(0, token, ((act * up) @ w2[e].T) * weights[token, choice].unsqueeze(-1))
     return out
+
+
+# The FP8 dispatch (docs/dispatch.md, "FP8 dispatch"): float8_e4m3fn codes with one float32
+# scale per block of 128 channels of a token.
+FP8_BLOCK_SIZE = 128
+E4M3_MAX = 448.0
+SMALLEST_NORMAL_FLOAT = 2.0**-126
+
+
+def fp8_scales(x: torch.Tensor) -> torch.Tensor:
+    """float32 [T, H]: the scale of each element's block, amax / 448 (at least 2^-126)."""
+    magnitude = x.float().abs()
+    num_blocks = -(-x.shape[1] // FP8_BLOCK_SIZE)
+    padded = F.pad(magnitude, (0, num_blocks * FP8_BLOCK_SIZE - x.shape[1]))
+    blocks = padded.view(x.shape[0], num_blocks, FP8_BLOCK_SIZE)
+    scale = (blocks.amax(dim=-1, keepdim=True) / E4M3_MAX).clamp_min(SMALLEST_NORMAL_FLOAT)
+    return scale.expand(blocks.shape).reshape(padded.shape)[:, : x.shape[1]]
+
+
+def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """x [T, H] through the FP8 dispatch and back to x's dtype, in float32 with torch's own
+    e4m3fn rounding: codes = x * (1 / scale) rounded to e4m3fn, then codes * scale rounded to
+    x's dtype."""
+    scale = fp8_scales(x)
+    codes = (x.float() * (1.0 / scale)).to(torch.float8_e4m3fn)
+    return (codes.float() * scale).to(x.dtype)
+
+
+def fp8_error_bound(x: torch.Tensor) -> torch.Tensor:
+    """float64 [T, H]: a bound of |fp8_round_trip(x) - x| per element from e4m3's precision.
+    Half a code: 2^-4 |x| (3 mantissa bits) for a scaled value in e4m3's normal range, 2^-10
+    scale among its subnormals (codes k 2^-9); the float32 roundings of the scaled value and of
+    the product add under 2^-21 |x|; the rounding to x's dtype adds its unit roundoff u of the
+    result, or half its subnormal spacing."""
+    magnitude = x.double().abs()
+    u = torch.finfo(x.dtype).eps / 2
+    code = torch.maximum(magnitude * 2.0**-4, fp8_scales(x).double() * 2.0**-10)
+    code = code + magnitude * 2.0**-21
+    return code + u * (magnitude + code) + torch.finfo(x.dtype).smallest_normal * u
+
+
+# The largest slope of silu(z) = z sigmoid(z): 1.0998 at z = 2.3994.
+SILU_LIPSCHITZ = 1.1
+
+
+def moe_error_bound(
+    x: torch.Tensor,
+    x_error: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """float64 [T, H]: a bound of |moe(x + e) - moe(x)| (the silu-gated experts) over every
+    input error |e| <= x_error elementwise, in exact arithmetic. Through each expert:
+    |d(x w13^T)| <= x_error |w13|^T; with gate g and up u, silu(g + dg)(u + du) - silu(g) u
+    = (silu(g + dg) - silu(g))(u + du) + silu(g) du, and silu is 1.1-Lipschitz; then
+    |dy| <= |d(silu(g) u)| |w2|^T, and the token sums |weight| |dy| over its choices."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    ids = topk_ids.long().cpu()
+    for e in ids.unique().tolist():
+        token, choice = (ids == e).nonzero(as_tuple=True)
+        w13_e, w2_e = w13[e].double().cpu(), w2[e].double().cpu()
+        gate, up = (x[token].double().cpu() @ w13_e.T).chunk(2, dim=-1)
+        d_gate, d_up = (x_error[token].double().cpu() @ w13_e.abs().T).chunk(2, dim=-1)
+        d_act = SILU_LIPSCHITZ * d_gate * (up.abs() + d_up) + F.silu(gate).abs() * d_up
+        d_y = d_act @ w2_e.abs().T
+        weight = topk_weights[token, choice].double().cpu().abs().unsqueeze(-1)
+        out.index_add_(0, token, d_y * weight)
+    return out

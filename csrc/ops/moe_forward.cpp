@@ -25,7 +25,7 @@ using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 struct Ops {
   c10::TypedOperatorHandle<Tensors4(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    int64_t)>
+                                    int64_t, std::optional<at::ScalarType>)>
       dispatch_finish;
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const at::Tensor&, std::string_view, bool)>
@@ -42,7 +42,8 @@ const Ops& ops() {
     auto find = [&](const char* name) { return d.findSchemaOrThrow(name, ""); };
     return Ops{
         find("moe_ep::dispatch_finish")
-            .typed<Tensors4(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>(),
+            .typed<Tensors4(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                            std::optional<at::ScalarType>)>(),
         find("moe_ep::expert_ffn")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, std::string_view, bool)>(),
@@ -60,7 +61,8 @@ at::Tensor moe_forward_impl(const at::Tensor& x, const at::Tensor& topk_ids,
                             const at::Tensor& expert_local, int64_t num_local_experts,
                             const at::Tensor& w13, const at::Tensor& w2,
                             std::string_view activation, int64_t num_chunks,
-                            std::string_view group_name) {
+                            std::string_view group_name,
+                            std::optional<at::ScalarType> dispatch_dtype) {
   // The weights are checked before the dispatch's header exchange and travel in it: a bad
   // w13 on one rank raises on every rank.
   ArgProblem problem;
@@ -72,12 +74,12 @@ at::Tensor moe_forward_impl(const at::Tensor& x, const at::Tensor& topk_ids,
   const Ops& op = ops();
   const std::vector<DispatchStarted> started =
       dispatch_start_chunks(x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts,
-                            num_chunks, group_name, std::move(problem));
+                            num_chunks, group_name, std::move(problem), dispatch_dtype);
   std::vector<at::Tensor> returning;
   returning.reserve(num_chunks);
   for (const auto& [x_recv, meta_recv, recv_counts, send_counts, token_slot, entries] : started) {
     const auto [x_sorted, offsets, recv_row_of, recv_weights] =
-        op.dispatch_finish.call(x_recv, meta_recv, entries, num_local_experts);
+        op.dispatch_finish.call(x_recv, meta_recv, entries, num_local_experts, x.scalar_type());
     // A rank with fewer experts than the widest one ignores the empty trailing groups.
     const at::Tensor y = op.expert_ffn.call(x_sorted, offsets.narrow(0, 0, w13.size(0) + 1), w13,
                                             w2, activation, /*check_offsets=*/false);
