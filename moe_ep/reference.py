@@ -185,3 +185,49 @@ def moe_error_bound(
         weight = topk_weights[token, choice].double().cpu().abs().unsqueeze(-1)
         out.index_add_(0, token, d_y * weight)
     return out
+
+
+def fp8_error_variance(x: torch.Tensor) -> torch.Tensor:
+    """float64 [T, H]: the variance of fp8_round_trip(x) - x per element when rounding errors
+    are uniform over a code's spacing (the usual model of round-to-nearest on data that does
+    not sit on the codes): spacing^2 / 12, with e4m3's spacing 2^(e - 3) scale for a scaled
+    value in [2^e, 2^(e + 1)) (3 mantissa bits; 2^-9 scale among the subnormals), plus the
+    same for the rounding to x's dtype."""
+    magnitude = x.double().abs()
+    scale = fp8_scales(x).double()
+    _, exponent = torch.frexp(magnitude / scale)  # scaled value in [2^(e - 1), 2^e)
+    code_spacing = torch.where(
+        magnitude / scale >= 2.0**-6, torch.ldexp(scale, exponent - 4), scale * 2.0**-9
+    )
+    mantissa_bits = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[x.dtype]
+    _, dtype_exponent = torch.frexp(magnitude)
+    dtype_spacing = torch.ldexp(torch.ones_like(magnitude), dtype_exponent - 1 - mantissa_bits)
+    return (code_spacing.pow(2) + dtype_spacing.pow(2)) / 12
+
+
+def moe_error_std(
+    x: torch.Tensor,
+    x_variance: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """float64 [T, H]: to first order, the standard deviation of moe(x + e) - moe(x) (the
+    silu-gated experts) for independent zero-mean input errors e of the given variances:
+    sum over the token's choices of weight^2 (J^2 @ variance), with each expert's Jacobian
+    J = w2 (diag(silu'(g) u) w1 + diag(silu(g)) w3) at the token (gate g, up u)."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    ids = topk_ids.long().cpu()
+    for e in ids.unique().tolist():
+        token, choice = (ids == e).nonzero(as_tuple=True)
+        w1, w3 = w13[e].double().cpu().chunk(2, dim=0)
+        gate, up = x[token].double().cpu() @ w1.T, x[token].double().cpu() @ w3.T
+        sigmoid = gate.sigmoid()
+        d_silu = sigmoid * (1 + gate * (1 - sigmoid))
+        inner = (d_silu * up).unsqueeze(-1) * w1 + F.silu(gate).unsqueeze(-1) * w3
+        jacobian = w2[e].double().cpu() @ inner  # [n, H, H]
+        variance = jacobian.pow(2) @ x_variance[token].double().cpu().unsqueeze(-1)
+        weight = topk_weights[token, choice].double().cpu().pow(2).unsqueeze(-1)
+        out.index_add_(0, token, variance.squeeze(-1) * weight)
+    return out.sqrt()
