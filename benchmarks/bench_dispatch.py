@@ -305,7 +305,8 @@ def main() -> None:
             say(common.format_table([row], list(row)))
 
     say("\n" + common.format_table(rows, list(rows[0])))
-    counts = []
+    hw = perf.HARDWARE[args.hardware]
+    counts, costs = [], []
     for tokens in tokens_list:
         for top_k in args.topk:
             torch.manual_seed(rank)
@@ -319,6 +320,9 @@ def main() -> None:
                     counts.append(row)
                 plain, fp8 = counts[-2:]
                 fp8["B/row vs plain"] = fp8["B/row"] / plain["B/row"]
+            row = {"T/rank": tokens, "k": top_k}
+            row.update(quantize_cost(x, ids, weights, placement, args.iters, hw))
+            costs.append(row)
     say("\n" + common.format_table(counts, list(counts[-1])))
     say(
         "# host reads: per dispatch + combine (rank 0). ops: kernels and collectives per call "
@@ -335,17 +339,6 @@ def main() -> None:
         "fp8 disp ms: the FP8 dispatch; fp8 x: plain / FP8 time; fp8 err: its error (max over "
         "the largest output) after the identity experts and combine."
     )
-    hw = perf.HARDWARE[args.hardware]
-    costs = []
-    for tokens in tokens_list:
-        for top_k in args.topk:
-            torch.manual_seed(rank)
-            x = torch.randn(tokens, args.hidden, device=device).to(dtype)
-            ids = torch.randn(tokens, args.experts, device=device).topk(top_k, dim=-1)[1].int()
-            weights = torch.rand(tokens, top_k, device=device)
-            row = {"T/rank": tokens, "k": top_k}
-            row.update(quantize_cost(x, ids, weights, placement, args.iters, hw))
-            costs.append(row)
     say("\n" + common.format_table(costs, list(costs[0])))
     say(
         f"# rank 0, per dispatch. pack / scatter: the sender's pack (FP8: quantizing) and the "

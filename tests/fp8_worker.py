@@ -13,7 +13,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import RELATIVE_TOLERANCE, assert_close_relative, process_group  # noqa: E402
 from ep_worker import expect_error, max_over_ranks  # noqa: E402
-from hot_path_worker import OP_BUDGET  # noqa: E402
+from hot_path_worker import HIDDEN, OP_BUDGET, make_layer  # noqa: E402
 
 import moe_ep  # noqa: E402
 from moe_ep import debug, dispatcher, reference  # noqa: E402
@@ -185,25 +185,6 @@ def run_misuse():
     check_fp8_layer("after-misuse", 2 * world, 2, 10, torch.float32, mode="capacity")
 
 
-def make_layer(mode: str, chunks: int, tokens: int) -> moe_ep.MoELayer:
-    world = dist.get_world_size()
-    layer = moe_ep.MoELayer(
-        128,
-        FFN,
-        4 * world,
-        2,
-        dtype=torch.float32,
-        group=dist.group.WORLD,
-        dispatch_mode=mode,
-        capacity=max(1, max_over_ranks(tokens)) if mode == "capacity" else None,
-        num_chunks=chunks,
-        dispatch_dtype=FP8,
-    )
-    gate, w13, w2 = full_weights(4 * world, 128, torch.float32, seed=7)
-    layer.load_full_weights(gate, w13, w2)
-    return layer
-
-
 def run_budgets():
     """The FP8 dispatch keeps the hot path's budgets: exact mode one host read per layer
     whatever the chunk count, fixed capacity none; the quantization and the dequantization run
@@ -211,22 +192,22 @@ def run_budgets():
     tests/hot_path_worker.py."""
     rank = dist.get_rank()
     tokens = 37 + 5 * rank
-    x = torch.randn(tokens, 128)
+    x = torch.randn(tokens, HIDDEN)
     for chunks in (1, 2, 4):
-        layer = make_layer("exact", chunks, tokens)
+        layer = make_layer("exact", chunks, tokens, dispatch_dtype=FP8)
         layer(x)  # warm-up
         with debug.counting_host_reads() as reads:
             layer(x)
         assert reads.count == 1, (chunks, reads.count)
-        layer = make_layer("capacity", chunks, tokens)
+        layer = make_layer("capacity", chunks, tokens, dispatch_dtype=FP8)
         layer(x)
         layer.check_dispatch_status()  # warm-up: the configuration's handshake
         with debug.counting_host_reads() as reads:
             layer(x)
         assert reads.count == 0, (chunks, reads.count)
         layer.check_dispatch_status()
-    layer = make_layer("exact", 1, 40)
-    x = torch.randn(40, 128)
+    layer = make_layer("exact", 1, 40, dispatch_dtype=FP8)
+    x = torch.randn(40, HIDDEN)
     slots, weights = layer.route_slots(x)
     start = dispatcher.dispatch_chunks
     start(x, slots, weights, layer.placement, 1, None, FP8)[0].wait()  # warm-up (first calls)
@@ -238,7 +219,7 @@ def run_budgets():
     counts = debug.op_counts(lambda: held.update(received=held["pending"][0].wait()))
     assert sum(counts.values()) <= OP_BUDGET["dispatch_finish"], counts
     assert "moe_ep::scatter_dequantized_rows" in counts, counts  # the fused dequantization
-    capacity = make_layer("capacity", 1, 40)
+    capacity = make_layer("capacity", 1, 40, dispatch_dtype=FP8)
     capacity(x)
     capacity.check_dispatch_status()
     counts = debug.op_counts(

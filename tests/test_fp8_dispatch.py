@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import CUDA_SKIP
 from fp8_worker import worker
@@ -17,14 +16,6 @@ from moe_ep import dispatcher, perf, reference
 from moe_ep.placement import ExpertPlacement
 
 FP8 = torch.float8_e4m3fn
-
-
-@pytest.fixture(scope="module")
-def group_name(tmp_path_factory):
-    init_file = tmp_path_factory.mktemp("dist") / "init"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-    yield dist.group.WORLD.group_name
-    dist.destroy_process_group()
 
 
 def awkward_rows(tokens: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
