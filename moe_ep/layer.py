@@ -197,6 +197,11 @@ class MoELayer(nn.Module):
         self.w13 = nn.Parameter(w13.to(self.w13), requires_grad=False)
         self.w2 = nn.Parameter(w2.to(self.w2), requires_grad=False)
 
+    @property
+    def _wire_dtype(self) -> torch.dtype | None:
+        """What the dispatch ops take: float8_e4m3fn, or None to send the tokens as they are."""
+        return self.dispatch_dtype if self.dispatch_dtype == torch.float8_e4m3fn else None
+
     def slot_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """The physical slots that this rank's (token, choice) pairs go to."""
         return map_to_slots(topk_ids, self.placement, self.group.rank())
@@ -250,7 +255,7 @@ class MoELayer(nn.Module):
         capacity mode with ceil(capacity / num_chunks) rows per chunk and rank."""
         if (mode or self.dispatch_mode) == "exact":
             return dispatcher.dispatch_chunks(
-                x, slots, topk_weights, self.placement, num_chunks, self.group, self.dispatch_dtype
+                x, slots, topk_weights, self.placement, num_chunks, self.group, self._wire_dtype
             )
         capacity = -(-self.capacity // num_chunks)
         return [
@@ -262,7 +267,7 @@ class MoELayer(nn.Module):
                 capacity,
                 self.group,
                 async_op=True,
-                dispatch_dtype=self.dispatch_dtype,
+                dispatch_dtype=self._wire_dtype,
             )
             for xc, sc, wc in zip(
                 x.tensor_split(num_chunks),
@@ -325,7 +330,7 @@ class MoELayer(nn.Module):
                 self.activation,
                 num_chunks,
                 self.group,
-                self.dispatch_dtype,
+                self._wire_dtype,
             )
         routed, extra = pipeline.run_layer(self, x, slots, topk_weights, num_chunks, overlap_fn)
         if self.dispatch_mode == "capacity" and self.on_overflow != "report":

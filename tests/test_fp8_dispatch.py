@@ -221,6 +221,7 @@ def test_cost_model_charges_the_fp8_row(group_name):
     growth = {e: terms[e, 128]["dispatch"] - terms[e, 64]["dispatch"] for e in (2.0, 1.03125)}
     assert growth[1.03125] / growth[2.0] == pytest.approx(1.03125 / 2, rel=1e-9)
     assert terms[1.03125, 64]["combine"] == terms[2.0, 64]["combine"]
+    assert perf.main(["--strategy", "ep64", "--phase", "prefill", "--dispatch-dtype", "fp8"]) == 0
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
