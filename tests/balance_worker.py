@@ -268,26 +268,37 @@ class LateOnLastRank(WeightTransfer):
         return super().ready and (not last or self.steps_seen >= self.late)
 
 
+def skewed_layer(seed):
+    """A layer whose experts 0 and 1 (both on rank 0 at first) run hot, its full weights and
+    the reference layers."""
+    experts = 4 * dist.get_world_size()
+    gate, w13, w2 = full_weights(experts, torch.float32, seed=seed)
+    skew(gate, {0: 1.0, 1: 0.5})
+    layer = make_layer(experts, torch.float32, gate, w13, w2)
+    return layer, w13, w2, ReferenceLayers(experts, gate, w13, w2)
+
+
+def checked_steps(layer, balancer, references, seed, steps):
+    """Serves up to `steps` steps, each output checked bitwise against the reference and the
+    placement against every rank's; yields each Migration that ended."""
+    for step in range(steps):
+        x = tokens(48, seed + step)
+        assert torch.equal(layer(x), references(layer, x)), step
+        check_same_placement_everywhere(layer)
+        migration = balancer.step()
+        if migration is not None:
+            yield migration
+
+
 def run_switch_waits_for_every_rank():
     """The last rank's transfer ends later than the others': every rank keeps serving with
     the old placement (bitwise the reference's) until it is ready too, and all switch at the
     same boundary."""
-    world = dist.get_world_size()
-    experts = 4 * world
-    gate, w13, w2 = full_weights(experts, torch.float32, seed=14)
-    skew(gate, {0: 1.0, 1: 0.5})
-    layer = make_layer(experts, torch.float32, gate, w13, w2)
+    layer, w13, w2, references = skewed_layer(seed=14)
     balancer = moe_ep.LoadBalancer(layer, window=4, threshold=1.2)
-    references = ReferenceLayers(experts, gate, w13, w2)
     original, balance.WeightTransfer = balance.WeightTransfer, LateOnLastRank
     try:
-        for step in range(16):
-            x = tokens(48, 500 + step)
-            assert torch.equal(layer(x), references(layer, x)), step
-            check_same_placement_everywhere(layer)
-            migration = balancer.step()
-            if migration is not None:
-                break
+        migration = next(checked_steps(layer, balancer, references, 500, 16), None)
     finally:
         balance.WeightTransfer = original
     assert migration is not None and migration.live, migration
@@ -305,10 +316,7 @@ def run_stalled_transfer_abandoned():
     stay bitwise those of the reference at every step), counts and logs it; the next
     re-plan, unpaced, goes live on a fresh transfer group."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    experts = 4 * world
-    gate, w13, w2 = full_weights(experts, torch.float32, seed=13)
-    skew(gate, {0: 1.0, 1: 0.5})
-    layer = make_layer(experts, torch.float32, gate, w13, w2)
+    layer, w13, w2, references = skewed_layer(seed=13)
     balancer = moe_ep.LoadBalancer(
         layer,
         window=4,
@@ -318,25 +326,18 @@ def run_stalled_transfer_abandoned():
         deadline_steps=3,
         deadline_s=10.0,  # also the transfer group's timeout: the stuck round ends by then
     )
-    references = ReferenceLayers(experts, gate, w13, w2)
     logged = []
     handler = logging.Handler()
     handler.emit = logged.append
     logging.getLogger("moe_ep.balance").addHandler(handler)
-    contiguous = ExpertPlacement.contiguous(experts, world)
+    contiguous = ExpertPlacement.contiguous(layer.num_experts, world)
     try:
         ended = []
-        for step in range(40):
-            x = tokens(48, 300 + step)
-            assert torch.equal(layer(x), references(layer, x)), step
-            check_same_placement_everywhere(layer)
-            migration = balancer.step()
-            if migration is not None:
-                ended.append(migration)
-                if not migration.live:  # back to full speed for the next re-plan
-                    balancer.rounds_per_step, balancer.piece_bytes = None, 1 << 20
-                else:
-                    break
+        for migration in checked_steps(layer, balancer, references, 300, 40):
+            ended.append(migration)
+            if migration.live:
+                break
+            balancer.rounds_per_step, balancer.piece_bytes = None, 1 << 20  # full speed
     finally:
         logging.getLogger("moe_ep.balance").removeHandler(handler)
     abandoned, live = ended
