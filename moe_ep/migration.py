@@ -11,10 +11,12 @@ serving with its old placement, and switching every rank to the new placement to
         else: transfer.on_step(); vote.cast(READY if transfer.ready else WORKING)
 
 The weights travel as bytes in rounds of all-to-all (at most piece_bytes between any two
-ranks per round, paced by serving steps if asked), into spare rows: the experts arriving on
-this rank, nothing else. Why collectives and not point-to-point sends: a Gloo send or receive
-can neither be polled nor given up, while a collective's future completes (or fails at the
-group's timeout), so a thread waiting on it can be cancelled at any time. Why a process group
+ranks per round, paced by serving steps if asked), into spare rows that hold the experts
+arriving on this rank and nothing else (or into the new weights when the rank's slot count
+changes and they must be rebuilt anyway). Why collectives and not point-to-point sends: a
+Gloo send or receive can neither be polled nor given up, while a collective's future
+completes (or fails at the group's timeout), so a thread waiting on it can be cancelled at
+any time. Why a process group
 of its own: collectives on one group must be issued in the same order on every rank, and the
 background thread's rounds would interleave with the serving thread's all-to-alls in an order
 that differs from rank to rank (a wrong match or a deadlock); a group of its own also has its
@@ -116,9 +118,10 @@ class WeightTransfer:
             step's own communication is not starved; None: as fast as the rounds go. It may
             differ between ranks: every round is collective, so the slowest paces all.
 
-    Memory (spare_bytes): the rows of the experts arriving on this rank; when the rank's slot
-    count changes, also its whole new weights (built off the serving path); and the staging
-    of one round (at most piece_bytes per peer, each way).
+    Memory (spare_bytes): the rows of the experts arriving on this rank, or, when the rank's
+    slot count changes, its whole new weights instead (the arrivals land there; the rest is
+    copied off the serving path); and the staging of one round (at most piece_bytes per
+    peer, each way).
     """
 
     def __init__(
@@ -164,27 +167,41 @@ class WeightTransfer:
             [part for e in pairs.get((me, p), []) for part in self._row_parts(old_row[e])]
             for p in range(world)
         ]
-        # The (peer -> me) streams land in consecutive spare rows, by source then expert.
-        arrivals = [(p, e) for p in range(world) for e in pairs.get((p, me), [])]
-        self.spare = torch.empty(
-            len(arrivals), self.row_bytes, dtype=torch.uint8, device=w13.device
-        )
-        self._spare_row = {e: j for j, (_, e) in enumerate(arrivals)}
-        first = 0
-        self._recv_blocks = []
-        for p in range(world):
-            count = len(pairs.get((p, me), []))
-            self._recv_blocks.append(self.spare[first : first + count].view(-1))
-            first += count
         self._new_experts = self.placement.local_experts(me)  # in row order
         self.resized = len(self._new_experts) != w13.shape[0]
-        self.spare_bytes = self._spare_bytes(me, pairs, len(self._new_experts))
+        # The (peer -> me) streams, by source then expert, land where their rows go: the
+        # rebuilt weights when the slot count changes (allocated now, filled off the serving
+        # path), else spare rows that finish() copies in place.
+        arrivals = [e for p in range(world) for e in pairs.get((p, me), [])]
+        self._rebuilt: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._arrival: dict[int, list[torch.Tensor]] = {}  # expert -> its row's byte parts
+        if self.resized:
+            rows = len(self._new_experts)
+            self._rebuilt = (w13.new_empty(rows, *w13.shape[1:]), w2.new_empty(rows, *w2.shape[1:]))
+            for e in arrivals:
+                row = self._new_experts.index(e)
+                self._arrival[e] = [_bytes(self._rebuilt[0][row]), _bytes(self._rebuilt[1][row])]
+            self.spare = torch.empty(0, dtype=torch.uint8, device=w13.device)
+        else:
+            self.spare = torch.empty(
+                len(arrivals), self.row_bytes, dtype=torch.uint8, device=w13.device
+            )
+            for j, e in enumerate(arrivals):
+                self._arrival[e] = [
+                    self.spare[j, : self._w13_bytes],
+                    self.spare[j, self._w13_bytes :],
+                ]
+        self._recv_parts = [
+            [part for e in pairs.get((p, me), []) for part in self._arrival[e]]
+            for p in range(world)
+        ]
+        self._recv_lengths = [len(pairs.get((p, me), [])) * self.row_bytes for p in range(world)]
+        self.spare_bytes = self._spare_bytes(me, pairs)
 
         self._cond = threading.Condition()
         self._credit = rounds_per_step or 0
         self._cancelled = False
         self._state = WORKING
-        self._rebuilt: tuple[torch.Tensor, torch.Tensor] | None = None
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
         # On CUDA the rounds run on a stream of their own, beside the serving stream, after
@@ -256,14 +273,14 @@ class WeightTransfer:
     def _row_parts(self, row: int) -> list[torch.Tensor]:
         return [_bytes(self._w13[row]), _bytes(self._w2[row])]
 
-    def _spare_bytes(self, me: int, pairs: dict, new_rows: int) -> int:
+    def _spare_bytes(self, me: int, pairs: dict) -> int:
         staging = sum(
             min(self.piece_bytes, len(es) * self.row_bytes)
             for (source, dest), es in pairs.items()
             if me in (source, dest) and source != dest
         )
-        rebuilt = new_rows * self.row_bytes if self.resized else 0
-        return self.spare.numel() + rebuilt + staging
+        rebuilt = sum(t.nbytes for t in self._rebuilt) if self._rebuilt is not None else 0
+        return self.spare.nbytes + rebuilt + staging
 
     def _run(self) -> None:
         try:
@@ -274,11 +291,7 @@ class WeightTransfer:
                 for r in range(self.rounds):
                     self._take_credit()
                     self._round(r)
-                if self.resized:
-                    self._rebuilt = (
-                        self._w13.new_empty(len(self._new_experts), *self._w13.shape[1:]),
-                        self._w2.new_empty(len(self._new_experts), *self._w2.shape[1:]),
-                    )
+                if self._rebuilt is not None:
                     self._fill(*self._rebuilt, in_place=False)
                 if self._stream is not None:
                     self._stream.synchronize()
@@ -299,11 +312,11 @@ class WeightTransfer:
     def _round(self, r: int) -> None:
         start, end = r * self.piece_bytes, (r + 1) * self.piece_bytes
         send_parts, send_splits, recv_splits = [], [], []
-        for parts, block in zip(self._send_parts, self._recv_blocks, strict=True):
+        for parts, length in zip(self._send_parts, self._recv_lengths, strict=True):
             piece = _slices(parts, start, end)
             send_parts += piece
             send_splits.append(sum(p.numel() for p in piece))
-            recv_splits.append(max(0, min(end, block.numel()) - start))
+            recv_splits.append(max(0, min(end, length) - start))
         device = self.spare.device
         send = (
             torch.cat(send_parts)
@@ -316,9 +329,10 @@ class WeightTransfer:
         )
         self._wait(work)
         offset = 0
-        for block, count in zip(self._recv_blocks, recv_splits, strict=True):
-            block[start : start + count].copy_(recv[offset : offset + count])
-            offset += count
+        for parts in self._recv_parts:
+            for piece in _slices(parts, start, end):
+                piece.copy_(recv[offset : offset + piece.numel()])
+                offset += piece.numel()
 
     def _wait(self, work: dist.Work) -> None:
         future, cond = work.get_future(), self._cond
@@ -338,14 +352,15 @@ class WeightTransfer:
         work.wait()  # raises the collective's error, if any
 
     def _fill(self, w13: torch.Tensor, w2: torch.Tensor, in_place: bool) -> None:
-        """Writes every new row whose content is not already there: an arrival from its spare
-        row, an expert this rank held from its old row (old rows of kept experts are never
+        """Writes every new row whose content is not there yet: an arrival from where it
+        landed, an expert this rank held from its old row (old rows of kept experts are never
         overwritten: keep_rows left them where they were)."""
         for row, e in enumerate(self._new_experts):
-            if e in self._spare_row:
-                source = self.spare[self._spare_row[e]]
-                _bytes(w13[row]).copy_(source[: self._w13_bytes])
-                _bytes(w2[row]).copy_(source[self._w13_bytes :])
+            if e in self._arrival:
+                source = self._arrival[e]
+                if source[0].data_ptr() != _bytes(w13[row]).data_ptr():
+                    _bytes(w13[row]).copy_(source[0])
+                    _bytes(w2[row]).copy_(source[1])
             elif not (in_place and self._old_row[e] == row):
                 w13[row].copy_(self._w13[self._old_row[e]])
                 w2[row].copy_(self._w2[self._old_row[e]])
