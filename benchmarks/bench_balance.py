@@ -17,9 +17,10 @@ alternation, so they share the machine's conditions.
     moved       expert copies and their MB (group total); spare: the most any rank held
     imbalance   max/mean rank load of the window behind the re-plan, before and (planned)
                 after; realised: the next window's routing under the new placement
-    step ms     slowest rank per step: median of the steady steps before the migration; the
-                step whose boundary started it (planning; for sync the whole transfer);
-                the steps after it until the switch (median, max); median after
+    step ms     slowest rank per step: median and max of the steady steps before the
+                migration (the noise floor); the step whose boundary started it (planning;
+                for sync the whole transfer); the steps after it until the switch (median,
+                max); median after
     ratio       the slowest step from the start to the switch over the steady median
 
     torchrun --standalone --nproc-per-node 4 benchmarks/bench_balance.py            # CPU, Gloo
@@ -155,6 +156,7 @@ def rows_of(args, path: str, repeat: int, run: dict) -> list[dict]:
                 "planned": m.imbalance_after,
                 "realised": realised,
                 "steady ms": base,
+                "steady max": max(steady_before) if steady_before else None,
                 "start ms": times[m.started_step - 1],
                 "during ms": statistics.median(during) if during else None,
                 "max during": max(during) if during else None,
@@ -167,8 +169,8 @@ def rows_of(args, path: str, repeat: int, run: dict) -> list[dict]:
 
 COLUMNS = [
     "path", "rep", "#", "start", "live after", "copies", "MB moved", "spare MB", "before",
-    "planned", "realised", "steady ms", "start ms", "during ms", "max during", "after ms",
-    "ratio",
+    "planned", "realised", "steady ms", "steady max", "start ms", "during ms", "max during",
+    "after ms", "ratio",
 ]  # fmt: skip
 
 
@@ -184,6 +186,7 @@ def main() -> None:
     args = parse_args()
     rank, world, device = init_distributed()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     rows = []
     for repeat in range(args.repeats):
         for path in args.paths:
@@ -194,7 +197,7 @@ def main() -> None:
         expert_mb = 3 * args.hidden * args.ffn * 4 / 1e6
         print(
             f"{env['device']}; torch {env['torch']}; {env['date']}; world {world}; "
-            f"load average {os.getloadavg()[0]:.1f}\n"
+            f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n"
             f"E {args.experts}, k {args.topk}, H {args.hidden}, F {args.ffn} (fp32, "
             f"{expert_mb:.2f} MB per expert), {args.tokens} tokens/rank/step, window "
             f"{args.window}, threshold {args.threshold}, zipf {args.zipf}, shift at step "
