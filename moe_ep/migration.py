@@ -169,28 +169,8 @@ class WeightTransfer:
         ]
         self._new_experts = self.placement.local_experts(me)  # in row order
         self.resized = len(self._new_experts) != w13.shape[0]
-        # The (peer -> me) streams, by source then expert, land where their rows go: the
-        # rebuilt weights when the slot count changes (allocated now, filled off the serving
-        # path), else spare rows that finish() copies in place.
         arrivals = [e for p in range(world) for e in pairs.get((p, me), [])]
-        self._rebuilt: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._arrival: dict[int, list[torch.Tensor]] = {}  # expert -> its row's byte parts
-        if self.resized:
-            rows = len(self._new_experts)
-            self._rebuilt = (w13.new_empty(rows, *w13.shape[1:]), w2.new_empty(rows, *w2.shape[1:]))
-            for e in arrivals:
-                row = self._new_experts.index(e)
-                self._arrival[e] = [_bytes(self._rebuilt[0][row]), _bytes(self._rebuilt[1][row])]
-            self.spare = torch.empty(0, dtype=torch.uint8, device=w13.device)
-        else:
-            self.spare = torch.empty(
-                len(arrivals), self.row_bytes, dtype=torch.uint8, device=w13.device
-            )
-            for j, e in enumerate(arrivals):
-                self._arrival[e] = [
-                    self.spare[j, : self._w13_bytes],
-                    self.spare[j, self._w13_bytes :],
-                ]
+        self._rebuilt, self.spare, self._arrival = self._landing(arrivals)
         self._recv_parts = [
             [part for e in pairs.get((p, me), []) for part in self._arrival[e]]
             for p in range(world)
@@ -218,6 +198,7 @@ class WeightTransfer:
 
     @property
     def failed(self) -> bool:
+        """Cancelled, or a round raised (see error)."""
         return self._state == ABANDON
 
     @property
@@ -269,6 +250,28 @@ class WeightTransfer:
         return self.placement, w13, w2
 
     # The transfer itself.
+
+    def _landing(self, arrivals: list[int]) -> tuple:
+        """Where the (peer -> me) streams land, by source then expert: into the rebuilt
+        weights when the slot count changes (allocated now, filled off the serving path),
+        else into spare rows that finish() copies in place. Returns (rebuilt weights or None,
+        spare rows, each arriving expert's row as [w13 bytes, w2 bytes])."""
+        w13, w2, rows = self._w13, self._w2, len(self._new_experts)
+        if self.resized:
+            rebuilt = (w13.new_empty(rows, *w13.shape[1:]), w2.new_empty(rows, *w2.shape[1:]))
+            spare = torch.empty(0, dtype=torch.uint8, device=w13.device)
+            return (
+                rebuilt,
+                spare,
+                {e: [_bytes(t[self._new_experts.index(e)]) for t in rebuilt] for e in arrivals},
+            )
+        spare = torch.empty(len(arrivals), self.row_bytes, dtype=torch.uint8, device=w13.device)
+        split = self._w13_bytes
+        return (
+            None,
+            spare,
+            {e: [spare[j, :split], spare[j, split:]] for j, e in enumerate(arrivals)},
+        )
 
     def _row_parts(self, row: int) -> list[torch.Tensor]:
         return [_bytes(self._w13[row]), _bytes(self._w2[row])]
