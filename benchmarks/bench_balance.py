@@ -5,11 +5,13 @@ one run, under a routing skew that shifts.
 
 Each path serves the same timeline: Zipf(s) routing over a shuffled preference of the
 experts; the balancer counts on the device and considers a re-plan every `window` steps
-(threshold); at step `--shift` the preference is reshuffled (other experts run hot), which
-forces a second re-plan from the balancer's own placement (the same slot count: the arrivals
-are copied in place at the switch; the first re-plan adds replica slots and rebuilds the
-weights). The paths run one after the other in the same processes, `--repeats` times in
-alternation, so they share the machine's conditions.
+(threshold); `--shift-after` windows after the first migration's switch (so at a window
+boundary of every path) the preference is reshuffled (other experts run hot), which forces a
+second re-plan from the balancer's own placement (the same slot count: the arrivals are
+copied in place at the switch; the first re-plan adds replica slots and rebuilds the
+weights). A timeline ends a window after its second migration. The paths run one after
+the other in the same processes, `--repeats` times in alternation, so they share the
+machine's conditions.
 
     path        sync: background=False; background: unpaced rounds of --piece-mb;
                 paced: one round per serving step
@@ -21,6 +23,8 @@ alternation, so they share the machine's conditions.
                 migration (the noise floor); the step whose boundary started it (planning;
                 for sync the whole transfer); the steps after it until the switch (median,
                 max); median after
+    lost ms     serving time the migration cost: the steps from the start to the switch
+                minus as many steady medians
     ratio       the slowest step from the start to the switch over the steady median
 
     torchrun --standalone --nproc-per-node 4 benchmarks/bench_balance.py            # CPU, Gloo
@@ -60,8 +64,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--window", type=int, default=8, help="steps per count reduction")
     p.add_argument("--threshold", type=float, default=1.1)
     p.add_argument("--zipf", type=float, default=1.2)
-    p.add_argument("--steps", type=int, default=48)
-    p.add_argument("--shift", type=int, default=24, help="step at which the skew shifts")
+    p.add_argument("--max-steps", type=int, default=80)
+    p.add_argument(
+        "--shift-after", type=int, default=2, help="windows after the first switch to shift"
+    )
     p.add_argument("--piece-mb", type=float, default=4.0, help="transfer round size per pair")
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     p.add_argument("--repeats", type=int, default=2)
@@ -92,8 +98,13 @@ def serve(args, path: str, device: torch.device, seed: int) -> dict:
     x = torch.randn(args.tokens, args.hidden, generator=g).to(device)
     weights = torch.full((args.tokens, args.topk), 1.0 / args.topk, device=device)
     times, counts, placements, migrations = [], [], {}, []
-    for step in range(args.steps):
-        prefer = preference(args.experts, args.zipf, 0 if step < args.shift else 1)
+    shift_at = None  # `shift_after` windows after the first switch: a clean window follows
+    for step in range(args.max_steps):
+        done = len(migrations) >= 2 and step > migrations[1].ended_step + args.window + 1
+        if done and not balancer.migrating:
+            break
+        shuffle = 0 if shift_at is None or step < shift_at else 1
+        prefer = preference(args.experts, args.zipf, shuffle)
         ids = torch.multinomial(prefer.expand(args.tokens, -1), args.topk, generator=g)
         counts.append(torch.bincount(ids.view(-1), minlength=args.experts))
         synchronize(device)
@@ -105,6 +116,8 @@ def serve(args, path: str, device: torch.device, seed: int) -> dict:
         if migration is not None:
             migrations.append(migration)
             placements[balancer.steps] = layer.placement.to("cpu")
+            if shift_at is None and migration.live:
+                shift_at = balancer.steps + args.shift_after * args.window
     slowest = torch.tensor(times)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     total = torch.stack(counts)
@@ -125,10 +138,13 @@ def rows_of(args, path: str, repeat: int, run: dict) -> list[dict]:
     busy = set()  # steps (1-based, the boundary at their end) from a start to a switch
     for m in run["migrations"]:
         busy.update(range(m.started_step, m.ended_step + 1))
+    previous_end = 2  # the first two steps warm up
     for number, (m, spare) in enumerate(zip(run["migrations"], run["spare"], strict=False)):
+        # Steady: since the previous migration's switch (the same placement as this start).
         steady_before = [
-            times[s - 1] for s in range(3, m.started_step) if s not in busy
-        ]  # the first two steps warm up
+            times[s - 1] for s in range(previous_end + 1, m.started_step) if s not in busy
+        ]
+        previous_end = m.ended_step
         after_end = m.ended_step + 1 + args.window
         steady_after = [
             times[s - 1] for s in range(m.ended_step + 1, min(after_end, len(times) + 1))
@@ -161,6 +177,9 @@ def rows_of(args, path: str, repeat: int, run: dict) -> list[dict]:
                 "during ms": statistics.median(during) if during else None,
                 "max during": max(during) if during else None,
                 "after ms": statistics.median(steady_after) if steady_after else None,
+                "lost ms": sum(
+                    times[s - 1] - base for s in range(m.started_step, m.ended_step + 1)
+                ),
                 "ratio": worst / base,
             }
         )
@@ -170,7 +189,7 @@ def rows_of(args, path: str, repeat: int, run: dict) -> list[dict]:
 COLUMNS = [
     "path", "rep", "#", "start", "live after", "copies", "MB moved", "spare MB", "before",
     "planned", "realised", "steady ms", "steady max", "start ms", "during ms", "max during",
-    "after ms", "ratio",
+    "after ms", "lost ms", "ratio",
 ]  # fmt: skip
 
 
@@ -200,8 +219,8 @@ def main() -> None:
             f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n"
             f"E {args.experts}, k {args.topk}, H {args.hidden}, F {args.ffn} (fp32, "
             f"{expert_mb:.2f} MB per expert), {args.tokens} tokens/rank/step, window "
-            f"{args.window}, threshold {args.threshold}, zipf {args.zipf}, shift at step "
-            f"{args.shift}, piece {args.piece_mb} MB\n"
+            f"{args.window}, threshold {args.threshold}, zipf {args.zipf}, shift "
+            f"{args.shift_after} windows after the first switch, piece {args.piece_mb} MB\n"
         )
         print("| " + " | ".join(COLUMNS) + " |")
         print("|" + "---|" * len(COLUMNS))
