@@ -23,6 +23,9 @@ machine's conditions.
                 migration (the noise floor); the step whose boundary started it (planning;
                 for sync the whole transfer); the steps after it until the switch (median,
                 max); median after
+    vote, switch  the boundary alone (balancer.step()): median over the steps between the
+                start and the switch (one vote read and cast), and at the switch (for sync
+                the whole migration)
     lost ms     serving time the migration cost: the steps from the start to the switch
                 minus as many steady medians
     ratio       the slowest step from the start to the switch over the steady median
@@ -110,22 +113,25 @@ def serve(args, path: str, device: torch.device, seed: int) -> dict:
         synchronize(device)
         start = time.perf_counter()
         layer.experts(x, ids.to(device), weights)
+        boundary = time.perf_counter()
         migration = balancer.step()
         synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
+        end = time.perf_counter()
+        times.append([(end - start) * 1e3, (end - boundary) * 1e3])
         if migration is not None:
             migrations.append(migration)
             placements[balancer.steps] = layer.placement.to("cpu")
             if shift_at is None and migration.live:
                 shift_at = balancer.steps + args.shift_after * args.window
-    slowest = torch.tensor(times)
+    slowest = torch.tensor(times)  # [steps, (step, boundary)]
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     total = torch.stack(counts)
     dist.all_reduce(total)
     spare = torch.tensor([m.spare_bytes for m in migrations] or [0])
     dist.all_reduce(spare, op=dist.ReduceOp.MAX)
     return {
-        "times": slowest.tolist(),
+        "times": slowest[:, 0].tolist(),
+        "boundaries": slowest[:, 1].tolist(),
         "counts": total,
         "placements": placements,
         "migrations": migrations,
@@ -151,6 +157,7 @@ def rows_of(args, path: str, repeat: int, run: dict) -> list[dict]:
             if s not in busy
         ]  # fmt: skip
         during = [times[s - 1] for s in range(m.started_step + 1, m.ended_step + 1)]
+        votes = [run["boundaries"][s - 1] for s in range(m.started_step + 1, m.ended_step)]
         realised = None
         if m.live and after_end <= len(times) + 1:
             window = run["counts"][m.ended_step : after_end - 1].sum(0)
@@ -177,6 +184,8 @@ def rows_of(args, path: str, repeat: int, run: dict) -> list[dict]:
                 "during ms": statistics.median(during) if during else None,
                 "max during": max(during) if during else None,
                 "after ms": statistics.median(steady_after) if steady_after else None,
+                "vote ms": statistics.median(votes) if votes else None,
+                "switch ms": run["boundaries"][m.ended_step - 1],
                 "lost ms": sum(
                     times[s - 1] - base for s in range(m.started_step, m.ended_step + 1)
                 ),
@@ -189,7 +198,7 @@ def rows_of(args, path: str, repeat: int, run: dict) -> list[dict]:
 COLUMNS = [
     "path", "rep", "#", "start", "live after", "copies", "MB moved", "spare MB", "before",
     "planned", "realised", "steady ms", "steady max", "start ms", "during ms", "max during",
-    "after ms", "lost ms", "ratio",
+    "after ms", "vote ms", "switch ms", "lost ms", "ratio",
 ]  # fmt: skip
 
 
