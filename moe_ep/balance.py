@@ -169,10 +169,12 @@ class LoadBalancer:
         self._loads = torch.zeros(layer.num_experts, dtype=torch.int64)
         self._use_placement(layer.placement.to("cpu"))
         self._ranks = dist.get_process_group_ranks(layer.group)
-        # The vote's group is made now, the transfers' when a migration starts (a fresh one
-        # after an abandoned migration, whose rounds may still be pending on the old one).
+        # The groups are made now, out of the serving path; a fresh transfer group when a
+        # migration starts after an abandoned one (whose rounds may be pending on the old).
         self._vote = SwitchVote(self._new_group("gloo")) if background else None
-        self._transfer_group: dist.ProcessGroup | None = None
+        self._transfer_group = (
+            self._new_group(dist.get_backend(layer.group)) if background else None
+        )
         self._retired_groups: list[dist.ProcessGroup] = []  # kept: freeing one may block
         self._in_flight: _InFlight | None = None
         self._unwinding: WeightTransfer | None = None  # the last abandoned transfer
