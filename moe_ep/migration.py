@@ -46,27 +46,45 @@ __all__ = [
     "WORKING",
     "SwitchVote",
     "WeightTransfer",
+    "experts_by_rank",
     "keep_rows",
     "migration_transfers",
+    "slots_by_rank",
 ]
 
 # Votes, all-reduced with MIN: one rank giving up outvotes every other; all must be ready.
 ABANDON, WORKING, READY = -1, 0, 1
 
 
+def slots_by_rank(placement: ExpertPlacement) -> list[list[int]]:
+    """Every rank's slots in local order (ExpertPlacement.local_slots for all ranks at once,
+    from three host lists: a re-plan's bookkeeping stays off the per-rank tensor ops)."""
+    ranks, rows = placement.slot_rank.tolist(), placement.slot_local.tolist()
+    by_rank: list[list[int]] = [[] for _ in range(placement.world_size)]
+    for _, _, s in sorted(zip(ranks, rows, range(len(ranks)), strict=True)):
+        by_rank[ranks[s]].append(s)
+    return by_rank
+
+
+def experts_by_rank(placement: ExpertPlacement) -> list[list[int]]:
+    """Every rank's logical experts in local (row) order: ExpertPlacement.local_experts for
+    all ranks at once."""
+    phy2log = placement.phy2log.tolist()
+    return [[phy2log[s] for s in slots] for slots in slots_by_rank(placement)]
+
+
 def migration_transfers(old: ExpertPlacement, new: ExpertPlacement) -> list[tuple[int, int, int]]:
     """The copies that turn `old` into `new`: (expert, source rank, destination rank) for
     each expert that a rank hosts in `new` but not in `old`, by destination then expert. A
     replicated expert's copies come from its holders in turn, spreading the sends."""
-    world = old.world_size
-    old_local = [old.local_experts(r) for r in range(world)]
+    old_local, new_local = experts_by_rank(old), experts_by_rank(new)
     holders: dict[int, list[int]] = {}
-    for r in range(world):
-        for e in old_local[r]:
+    for r, experts in enumerate(old_local):
+        for e in experts:
             holders.setdefault(e, []).append(r)
     transfers = []
-    for r in range(world):
-        for e in sorted(set(new.local_experts(r)) - set(old_local[r])):
+    for r, experts in enumerate(new_local):
+        for e in sorted(set(experts) - set(old_local[r])):
             transfers.append((e, holders[e][r % len(holders[e])], r))
     return transfers
 
@@ -77,13 +95,12 @@ def keep_rows(old: ExpertPlacement, new: ExpertPlacement) -> ExpertPlacement:
     rank's slot count does not change, the arriving experts take the rows of those leaving,
     and the switch copies only them, in place. Which row holds a slot changes nothing in the
     layer's math."""
-    slot_local = new.slot_local.clone()
+    slot_local = new.slot_local.tolist()
     phy2log = new.phy2log.tolist()
-    for r in range(new.world_size):
+    for held, slots in zip(experts_by_rank(old), slots_by_rank(new), strict=True):
         old_rows: dict[int, list[int]] = {}
-        for row, e in enumerate(old.local_experts(r)):
+        for row, e in enumerate(held):
             old_rows.setdefault(e, []).append(row)
-        slots = new.local_slots(r)
         taken: dict[int, int] = {}
         for s in slots:
             rows = old_rows.get(phy2log[s], [])
@@ -94,7 +111,12 @@ def keep_rows(old: ExpertPlacement, new: ExpertPlacement) -> ExpertPlacement:
         free = iter(sorted(set(range(len(slots))) - set(taken.values())))
         for s in slots:
             slot_local[s] = taken[s] if s in taken else next(free)
-    return ExpertPlacement(new.slot_rank.clone(), slot_local, new.world_size, new.log2phy.clone())
+    return ExpertPlacement(
+        new.slot_rank.clone(),
+        torch.tensor(slot_local, dtype=new.slot_local.dtype),
+        new.world_size,
+        new.log2phy.clone(),
+    )
 
 
 class _Cancelled(Exception):
@@ -152,7 +174,7 @@ class WeightTransfer:
         self._w13_bytes = w13[0].numel() * w13.element_size()
         self.row_bytes = self._w13_bytes + w2[0].numel() * w2.element_size()
         old_row: dict[int, int] = {}
-        for row, e in enumerate(old.local_experts(me)):
+        for row, e in enumerate(experts_by_rank(old)[me]):
             old_row.setdefault(e, row)
         self._old_row = old_row
         pairs: dict[tuple[int, int], list[int]] = {}
@@ -167,7 +189,7 @@ class WeightTransfer:
             [part for e in pairs.get((me, p), []) for part in self._row_parts(old_row[e])]
             for p in range(world)
         ]
-        self._new_experts = self.placement.local_experts(me)  # in row order
+        self._new_experts = experts_by_rank(self.placement)[me]  # in row order
         self.resized = len(self._new_experts) != w13.shape[0]
         arrivals = [e for p in range(world) for e in pairs.get((p, me), [])]
         self._rebuilt, self.spare, self._arrival = self._landing(arrivals)

@@ -19,6 +19,7 @@ from moe_ep.migration import (
     WORKING,
     SwitchVote,
     WeightTransfer,
+    experts_by_rank,
     keep_rows,
     migration_transfers,
 )
@@ -166,6 +167,8 @@ def test_keep_rows_moves_only_the_arrivals():
         new = random_placement(experts, world, 1000 + seed)
         kept = keep_rows(old, new)
         assert torch.equal(kept.slot_rank, new.slot_rank) and torch.equal(kept.log2phy, new.log2phy)
+        for p in (old, new, kept):  # the host-list shortcut agrees with the tensor methods
+            assert experts_by_rank(p) == [p.local_experts(r) for r in range(world)]
         for rank in range(world):
             old_rows, new_rows = old.local_experts(rank), kept.local_experts(rank)
             assert sorted(new_rows) == sorted(new.local_experts(rank))
