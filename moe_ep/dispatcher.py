@@ -344,12 +344,15 @@ def moe_forward(
     activation: str = "silu",
     num_chunks: int = 1,
     group: dist.ProcessGroup | str | None = None,
+    slot_counts: torch.Tensor | None = None,
     dispatch_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One expert-parallel MoE layer after routing, as one op: exact-size dispatch, this
     rank's experts (w13 [L, 2F, H], w2 [L, H, F]), combine; in num_chunks chunks whose
     dispatches are all issued first, so that communication overlaps the experts. topk_ids
-    are slot ids (see map_to_slots); dispatch_dtype as for dispatch. Returns [T, H]."""
+    are slot ids (see map_to_slots). slot_counts (int64 [L], on x's device), when given,
+    accumulates the (token, choice) entries each local slot received; dispatch_dtype as for
+    dispatch. Returns [T, H]."""
     return torch.ops.moe_ep.moe_forward(
         x,
         topk_ids,
@@ -362,6 +365,7 @@ def moe_forward(
         activation,
         num_chunks,
         _group_name(group),
+        slot_counts,
         dispatch_dtype,
     )
 
@@ -545,6 +549,7 @@ def _moe_forward_fake(
     activation,
     num_chunks,
     group_name,
+    slot_counts=None,
     dispatch_dtype=None,
 ):
     return x.new_empty(x.shape)

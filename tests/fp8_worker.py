@@ -178,8 +178,7 @@ def run_misuse():
         w2,
         "silu",
         2,
-        None,
-        FP8 if last else None,
+        dispatch_dtype=FP8 if last else None,
     )
     check_fp8_layer("after-misuse", 2 * world, 2, 10, torch.float32)
     check_fp8_layer("after-misuse", 2 * world, 2, 10, torch.float32, mode="capacity")

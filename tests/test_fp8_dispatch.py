@@ -187,7 +187,8 @@ def test_opcheck_fp8(group_name):
     )
     w13, w2 = torch.randn(4, 6, 256) / 16, torch.randn(4, 256, 3) / 2
     torch.library.opcheck(
-        ops.moe_forward.default, (x, ids, weights, *maps, 4, w13, w2, "silu", 2, group_name, FP8)
+        ops.moe_forward.default,
+        (x, ids, weights, *maps, 4, w13, w2, "silu", 2, group_name, None, FP8),
     )
     x_recv, meta_recv, _, _, _, entries = ops.dispatch_start(
         x, ids, weights, *maps, 4, 1, group_name, FP8

@@ -24,6 +24,7 @@ constexpr const char* kArgNames[] = {"",
                                      "capacity",
                                      "w13",
                                      "w2",
+                                     "slot_counts",
                                      "dispatch_dtype"};
 
 constexpr const char* kFieldNames[kConfigSize] = {

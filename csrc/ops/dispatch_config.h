@@ -36,6 +36,7 @@ enum class Arg : int {
   kCapacity,
   kW13,
   kW2,
+  kSlotCounts,
   kDispatchDtype,
 };
 
