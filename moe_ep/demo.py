@@ -253,7 +253,7 @@ def main() -> None:
         f"sharded loading: rank 0 read {report.expert_bytes_read / 2**20:.2f} MiB of experts "
         f"(its {expert_bytes / 2**20:.2f} MiB) and {report.bytes_read / 2**20:.2f} MiB of the rest"
     )
-    for i, (placement, block) in enumerate(zip(placements, blocks, strict=True)):
+    for i, placement in enumerate(placements):
         experts = [placement.local_experts(r) for r in range(world)]
         say(
             f"layer {i + 1} placement (planner, calibration loads): "
@@ -309,9 +309,7 @@ def main() -> None:
     total = torch.stack(gathered).sum(0)
     for i in range(len(blocks)):
         times = "  ".join(f"{v:8.2f}" for v in worst[i, :6].tolist())
-        say(
-            f"{i + 1:>5}  {times}   {total[i, 6] / 1024:8.1f}  ({total[i, 7] / 1024:.1f})"
-        )
+        say(f"{i + 1:>5}  {times}   {total[i, 6] / 1024:8.1f}  ({total[i, 7] / 1024:.1f})")
     say("balance (max/mean rank load over the served steps, all ranks' tokens):")
     for i, block in enumerate(blocks):
         say(

@@ -239,7 +239,9 @@ def run_overlap(device="cpu"):
                     dispatch_mode=mode,
                     capacity=capacity,
                 )
-                layer.load_full_weights(gate.to(device), w13.to(device), w2.to(device), transposed=False)
+                layer.load_full_weights(
+                    gate.to(device), w13.to(device), w2.to(device), transposed=False
+                )
                 layers.append(layer)
             x = torch.randn(tokens, HIDDEN, device=device)
             ids, weights = layers[0].route(x)

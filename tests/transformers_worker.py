@@ -12,7 +12,6 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import process_group  # noqa: E402
 
-import moe_ep  # noqa: E402
 from moe_ep.examples import generate  # noqa: E402
 
 
@@ -44,7 +43,9 @@ def check_misuse(tmp_dir):
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=torch.float32,
-        distributed_config=DistributedConfig(ep_size=world, tp_size=world, ep_implementation="moe_ep"),
+        distributed_config=DistributedConfig(
+            ep_size=world, tp_size=world, ep_implementation="moe_ep"
+        ),
     )
     with pytest.raises(RuntimeError, match="inference only"):
         model(torch.zeros(1, 3, dtype=torch.long))  # parameters require grad, grad mode on

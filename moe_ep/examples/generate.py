@@ -30,6 +30,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import transformers
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV3Config,
@@ -201,8 +202,7 @@ def check_family(family: str, directory: str, new_tokens: int, batch: int) -> li
         family, "convert", model, reference, prompts, new_tokens, layers, synced_gpus=world > 1
     )
     check.experts_read_local = all(
-        block.moe.local_expert_ids
-        and set(block.moe.local_expert_ids) == report.experts_read[name]
+        block.moe.local_expert_ids and set(block.moe.local_expert_ids) == report.experts_read[name]
         for name, block in model.named_modules()
         if isinstance(block, moe_ep_transformers.MoEBlock)
     )
@@ -212,6 +212,7 @@ def check_family(family: str, directory: str, new_tokens: int, batch: int) -> li
 
 def init_distributed() -> None:
     """torchrun's environment, or a group of one for a plain `python -m`."""
+    transformers.utils.logging.disable_progress_bar()
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -254,12 +255,15 @@ def main() -> None:
             failed |= not ok
             if rank == 0:
                 print(
-                    f"{c.family:<12} {c.path:<16} {r:>4}  {'equal' if c.tokens_equal else 'DIFFER':<6}"
+                    f"{c.family:<12} {c.path:<16} {r:>4}  "
+                    f"{'equal' if c.tokens_equal else 'DIFFER':<6}"
                     f"  {c.logits_error:>14.2e}  {c.host_reads_per_layer:>16.2f}"
                     f"{'' if ok else '  FAIL'}"
                 )
     if rank == 0:
-        print(f"check against the models without expert parallelism: {'FAIL' if failed else 'PASS'}")
+        print(
+            f"check against the models without expert parallelism: {'FAIL' if failed else 'PASS'}"
+        )
     dist.destroy_process_group()
     if failed:
         raise SystemExit(1)

@@ -4,8 +4,8 @@ Importing this module registers ep_implementation="moe_ep" with transformers'
 EPImplementationInterface:
 
     import moe_ep.integrations.transformers
-    model = AutoModelForCausalLM.from_pretrained(
-        path, distributed_config=DistributedConfig(ep_size=N, tp_size=N, ep_implementation="moe_ep"))
+    config = DistributedConfig(ep_size=N, tp_size=N, ep_implementation="moe_ep")
+    model = AutoModelForCausalLM.from_pretrained(path, distributed_config=config)
 
 For stacks that do their own parallelism (data-parallel attention, expert-parallel MoE):
 

@@ -38,14 +38,15 @@ class MoEBlock(nn.Module):
 
     def __init__(self, block: nn.Module, moe: MoELayer, source_names: dict[str, str]) -> None:
         super().__init__()
-        self.family = families.family_of(block).name
+        family = families.family_of(block)
+        self.family = family.name
         for name, child in block.named_children():
             if name not in ("gate", "experts"):
                 self.add_module(name, child)
         self.moe = moe
         self.source_names = source_names
         self.balancer: LoadBalancer | None = None
-        shared = families.shared_expert(self)
+        shared = family.shared(self)  # on this block, which holds the same shared children
         self._overlap = None if shared is None else (lambda chunk, x: shared(x))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -99,20 +100,26 @@ def convert(
             "model: no MoE block of a supported family (Mixtral, Qwen2-MoE, Qwen3-MoE, "
             "DeepSeek-V3) found"
         )
-    placements = (
-        list(placement)
-        if isinstance(placement, Sequence)
-        else [placement] * len(blocks)
-    )
+    placements = list(placement) if isinstance(placement, Sequence) else [placement] * len(blocks)
     if len(placements) != len(blocks):
-        raise ValueError(
-            f"placement: {len(placements)} placements for {len(blocks)} MoE layers"
-        )
+        raise ValueError(f"placement: {len(placements)} placements for {len(blocks)} MoE layers")
     for (name, block), layer_placement in zip(blocks, placements, strict=True):
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, _convert_block(block, model.config, group, layer_placement,
-                                                   dispatch_mode, capacity, num_chunks, device))
+        setattr(
+            parent,
+            child_name,
+            _convert_block(
+                block,
+                model.config,
+                group,
+                layer_placement,
+                dispatch_mode,
+                capacity,
+                num_chunks,
+                device,
+            ),
+        )
     return model
 
 

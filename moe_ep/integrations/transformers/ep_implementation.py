@@ -2,8 +2,8 @@
 local experts -> combine.
 
     import moe_ep.integrations.transformers  # registers "moe_ep"
-    model = AutoModelForCausalLM.from_pretrained(
-        path, distributed_config=DistributedConfig(ep_size=N, tp_size=N, ep_implementation="moe_ep"))
+    config = DistributedConfig(ep_size=N, tp_size=N, ep_implementation="moe_ep")
+    model = AutoModelForCausalLM.from_pretrained(path, distributed_config=config)
 
 transformers routes (its own router, in its own dtype) and hands each experts module's
 forward (hidden_states, top_k_index, top_k_weights); this rank holds experts

@@ -2,12 +2,15 @@
 arguments: the router's rule (read from the model's config and the block's own modules) and
 the shared expert that runs beside the routed ones.
 
-| family | scores | group score | weights | logits computed in | shared expert |
-|---|---|---|---|---|---|
-| Mixtral | softmax | - | always renormalised | the router weight's dtype (the model's) | - |
-| Qwen2-MoE | softmax | - | renormalised if norm_topk_prob | the model's dtype | sigmoid(shared_expert_gate(x)) * shared_expert(x) |
-| Qwen3-MoE | softmax | - | renormalised if norm_topk_prob | the model's dtype | - |
-| DeepSeek-V3 | sigmoid + e_score_correction_bias for the choice | top2_sum over n_group, topk_group chosen | renormalised if norm_topk_prob, x routed_scaling_factor | float32 | shared_experts(x) |
+* Mixtral: softmax, top-k weights always renormalised, logits in the router weight's dtype
+  (the model's), no shared expert.
+* Qwen2-MoE: softmax, renormalised if config.norm_topk_prob, logits in the model's dtype;
+  shared expert sigmoid(shared_expert_gate(x)) * shared_expert(x).
+* Qwen3-MoE: as Qwen2-MoE without a shared expert.
+* DeepSeek-V3: sigmoid scores plus e_score_correction_bias for the choice only; groups
+  (config.n_group, topk_group chosen) scored by the sum of their two best experts
+  ("top2_sum"); renormalised if norm_topk_prob, times routed_scaling_factor; logits in
+  float32; shared expert shared_experts(x).
 
 Where a family casts its weights to the model's dtype before the experts (Qwen), moe_ep keeps
 them in float32: the same in a float32 model, within the dtype's rounding in bfloat16.
@@ -25,7 +28,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-__all__ = ["Family", "family_of", "layer_arguments", "expert_activation", "shared_expert"]
+__all__ = ["FAMILIES", "Family", "family_of", "layer_arguments", "expert_activation"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class Family:
     group_score: str
     float32_logits: bool  # False: the logits are computed in the router weight's dtype
     always_renormalize: bool  # True: renormalised whatever the config says (Mixtral)
+    # The shared expert as a function of the tokens [T, H] (None: none), from a module that
+    # holds the block's shared children under their names.
     shared: Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor] | None]
 
 
@@ -112,8 +117,3 @@ def layer_arguments(block: nn.Module, config) -> dict:
         activation=expert_activation(config),
         dtype=experts.gate_up_proj.dtype,
     )
-
-
-def shared_expert(block: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The block's shared expert as a function of the tokens [T, H], or None."""
-    return FAMILIES[type(block)].shared(block)

@@ -191,9 +191,9 @@ def _check_operations(converter: WeightConverter, role: str) -> None:
     then the gate and up parts concatenated along the output rows."""
     kinds = [type(op) for op in converter.operations]
     expected = [MergeModulelist, Concatenate] if role == "w13" else [MergeModulelist]
-    if kinds != expected or any(getattr(op, "dim", 0) != d for op, d in zip(
-        converter.operations, (0, 1), strict=False
-    )):
+    if kinds != expected or any(
+        getattr(op, "dim", 0) != d for op, d in zip(converter.operations, (0, 1), strict=False)
+    ):
         raise NotImplementedError(
             f"checkpoint: experts converted by {converter.operations} into {role}; moe_ep's "
             "loader reads per-expert tensors stacked on dim 0 (and gate/up concatenated on dim 1)"
