@@ -212,7 +212,6 @@ def check_family(family: str, directory: str, new_tokens: int, batch: int) -> li
 
 def init_distributed() -> None:
     """torchrun's environment, or a group of one for a plain `python -m`."""
-    transformers.utils.logging.disable_progress_bar()
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -226,6 +225,7 @@ def init_distributed() -> None:
 def run(families, new_tokens: int = 6, batch: int = 2, directory: str | None = None):
     """Every family's checks on this rank (collective: every rank calls it alike)."""
     torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as scratch:
         shared = [directory or scratch]
         dist.broadcast_object_list(shared, src=0)  # rank 0's directory for everyone
