@@ -55,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--iters", type=int, default=5, help="timed repetitions per stage")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with GPUs")
+    p.add_argument("--no-balancer", action="store_true", help="serve on the planner's placement")
     return p.parse_args()
 
 
@@ -245,6 +246,7 @@ def main() -> None:
         convert(model, group=dist.group.WORLD, placement=placements, device=device)
         report = load_pretrained(model, path, device=device)
         model.eval()
+        dist.barrier()  # every rank has read the checkpoint before rank 0 removes it
     blocks = moe_blocks(model)
     for block in blocks:
         block.balancer = LoadBalancer(block.moe, window=4, threshold=1.05)
@@ -263,14 +265,19 @@ def main() -> None:
     # Serving: each rank its own prompts, of its own length.
     prompts = torch.randint(config.vocab_size, (args.prompts, 6 + rank), generator=g).to(device)
     captured: dict[int, torch.Tensor] = {}
-    hooks = [
-        b.register_forward_pre_hook(lambda m, a, i=i: captured.setdefault(i, a[0].flatten(0, 1)))
-        for i, b in enumerate(blocks)
-    ]
+
+    def capture(index: int):
+        def hook(module, inputs) -> None:  # keeps each layer's first (prefill) input
+            captured.setdefault(index, inputs[0].flatten(0, 1))
+
+        return hook
+
+    hooks = [b.register_forward_pre_hook(capture(i)) for i, b in enumerate(blocks)]
 
     def rebalance() -> None:
         for block in blocks:
-            block.balancer.maybe_rebalance()
+            if not args.no_balancer:
+                block.balancer.maybe_rebalance()
 
     before = [b.balancer.imbalance() for b in blocks]  # nothing observed yet: 1.0
     tokens, logits = greedy(model, prompts, args.new_tokens, rebalance)
