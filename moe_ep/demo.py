@@ -119,7 +119,7 @@ def timed(device: torch.device, fn, iters: int):
 
 
 @torch.no_grad()
-def planned_placements(reference, prompts, world: int) -> tuple[list[ExpertPlacement], list]:
+def planned_placements(reference, prompts, world: int) -> list[ExpertPlacement]:
     """The planner's placement of every MoE layer for the expert loads that the plain model's
     routers give this group's calibration prompts (summed over the ranks)."""
     routers = [m.gate for m in reference.modules() if family_of(m)]
@@ -145,7 +145,7 @@ def planned_placements(reference, prompts, world: int) -> tuple[list[ExpertPlace
     )
     cluster = plan.Cluster(num_nodes=1, gpus_per_node=world, gpu_memory_bytes=0)
     placed = plan.plan(model, cluster, loads=counts.tolist(), redundant_experts=0)
-    return [ExpertPlacement.from_plan(layer, world) for layer in placed.layers], counts
+    return [ExpertPlacement.from_plan(layer, world) for layer in placed.layers]
 
 
 @torch.no_grad()
@@ -240,7 +240,7 @@ def main() -> None:
         reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         g = torch.Generator().manual_seed(1000 + rank)
         calibration = torch.randint(config.vocab_size, (args.prompts, 16), generator=g).to(device)
-        placements, loads = planned_placements(reference, calibration, world)
+        placements = planned_placements(reference, calibration, world)
 
         model = empty_model(config, dtype)
         convert(model, group=dist.group.WORLD, placement=placements, device=device)
@@ -279,7 +279,6 @@ def main() -> None:
             if not args.no_balancer:
                 block.balancer.maybe_rebalance()
 
-    before = [b.balancer.imbalance() for b in blocks]  # nothing observed yet: 1.0
     tokens, logits = greedy(model, prompts, args.new_tokens, rebalance)
     for hook in hooks:
         hook.remove()
@@ -289,19 +288,18 @@ def main() -> None:
     logit_error = float((errors / scales).max())
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     ok = torch.equal(tokens, expected_tokens) and logit_error <= tolerance
-    del before
 
-    # Per-layer figures on each layer's prefill input (the balancer's final placement).
+    # Per-layer figures on each layer's prefill input, on the balancer's final placement;
+    # the balance first, then the timings without the balancer (they would count as steps).
     rows = []
     for i, block in enumerate(blocks):
+        balancer, block.balancer = block.balancer, None
+        balance = [balancer.imbalance(placements[i]), balancer.imbalance()]
         times = stage_times(block, captured[i], device, args.iters)
         sent, per_pair = bytes_sent(block.moe, captured[i])
-        balancer = block.balancer
-        planned = block.moe.placement
         rows.append(
             [1e3 * t for t in times.values()]
-            + [sent, per_pair, balancer.imbalance(placements[i]), balancer.imbalance(planned)]
-            + [len(balancer.migrations)]
+            + [sent, per_pair, *balance, len(balancer.migrations), balancer.migrated_bytes]
         )
     table = torch.tensor(rows, dtype=torch.float64)
     status = torch.tensor([float(not ok), logit_error])
@@ -311,18 +309,25 @@ def main() -> None:
     dist.all_gather(statuses, status)
     stages = ("route", "dispatch", "experts", "combine", "shared", "layer")
     say("per MoE layer, median ms over the ranks' own prefill batches (max over ranks):")
-    say("layer  " + "  ".join(f"{s:>8}" for s in stages) + "   KiB sent  (1 row/pair)")
+    say(
+        "layer  "
+        + "  ".join(f"{s:>8}" for s in stages)
+        + "   KiB sent by all ranks (one row per (token, expert) would be)"
+    )
     worst = torch.stack(gathered).amax(0)
     total = torch.stack(gathered).sum(0)
     for i in range(len(blocks)):
         times = "  ".join(f"{v:8.2f}" for v in worst[i, :6].tolist())
         say(f"{i + 1:>5}  {times}   {total[i, 6] / 1024:8.1f}  ({total[i, 7] / 1024:.1f})")
-    say("balance (max/mean rank load over the served steps, all ranks' tokens):")
-    for i, block in enumerate(blocks):
+    say(
+        "balance: max/mean rank load of the last 4 served steps (the balancer's window, all "
+        "ranks' tokens)"
+    )
+    for i in range(len(blocks)):
         say(
-            f"layer {i + 1}: planner's placement {worst[i, 8]:.3f} -> after the balancer "
+            f"layer {i + 1}: on the planner's placement {worst[i, 8]:.3f}, on the balancer's "
             f"{worst[i, 9]:.3f} ({int(worst[i, 10])} re-plan(s), "
-            f"{block.balancer.migrated_bytes / 2**10:.1f} KiB migrated)"
+            f"{worst[i, 11] / 2**10:.1f} KiB of weights migrated)"
         )
     failed = [r for r, s in enumerate(statuses) if s[0] > 0]
     worst_error = max(float(s[1]) for s in statuses)
@@ -332,7 +337,6 @@ def main() -> None:
         f"{'equal' if not failed else 'DIFFER'}, max relative logit error {worst_error:.2e} "
         f"(tolerance {tolerance:.0e}): {'PASS' if not failed else f'FAIL on ranks {failed}'}"
     )
-    del loads
     dist.destroy_process_group()
     if failed:
         raise SystemExit(1)
