@@ -119,7 +119,8 @@ def routing(model, prompts) -> list[torch.Tensor]:
 
 
 def bytes_per_layer(ids: torch.Tensor, world: int, rank: int, experts: int, row: int) -> dict:
-    """Bytes this rank sends for one MoE layer, per implementation (module docstring)."""
+    """(exchange, TP all-gather) bytes this rank sends for one MoE layer, per implementation
+    (module docstring)."""
     tokens = ids.shape[0]
     per_rank = -(-tokens // world)
     mine = ids[rank * per_rank : (rank + 1) * per_rank]
@@ -132,9 +133,9 @@ def bytes_per_layer(ids: torch.Tensor, world: int, rank: int, experts: int, row:
     width = min(ids.shape[1], experts // world)
     gather = (world - 1) * mine.shape[0] * row
     return {
-        "all_to_all": 2 * remote_pairs * row + experts * 8 + gather,
-        "all_reduce": int(2 * (world - 1) / world * tokens * row),
-        "moe_ep": remote_rows * (2 * row + 8 * width) + (world - 1) * HEADER_BYTES + gather,
+        "all_to_all": (2 * remote_pairs * row + experts * 8, gather),
+        "all_reduce": (int(2 * (world - 1) / world * tokens * row), 0),
+        "moe_ep": (remote_rows * (2 * row + 8 * width) + (world - 1) * HEADER_BYTES, gather),
     }
 
 
@@ -191,7 +192,8 @@ def main() -> None:
             error = float((logits - expected).abs().max() / expected.abs().max())
             results[name] = dict(
                 ms=ms,
-                bytes_per_layer=sum(s[name] for s in sent) / len(sent),
+                exchange_bytes_per_layer=sum(s[name][0] for s in sent) / len(sent),
+                gather_bytes_per_layer=sum(s[name][1] for s in sent) / len(sent),
                 host_reads_per_layer=reads / args.layers,
                 max_relative_error=error,
             )
@@ -206,15 +208,19 @@ def main() -> None:
             f"{args.dtype}"
         )
         print(
-            "implementation  ms/forward  KiB sent/layer/rank (mean over ranks)"
-            "  host reads/layer  rel err"
+            "KiB sent per MoE layer and rank (mean over ranks): the experts' exchange, then the"
+            " all-gather of the TP group's output slices"
         )
+        print("implementation  ms/forward  exchange KiB  gather KiB  host reads/layer  rel err")
         for name in IMPLEMENTATIONS:
             r = results[name]
-            kib = sum(t[name]["bytes_per_layer"] for t in totals) / world / 1024
+            exchange, gather = (
+                sum(t[name][key] for t in totals) / world / 1024
+                for key in ("exchange_bytes_per_layer", "gather_bytes_per_layer")
+            )
             print(
-                f"{name:<14}  {r['ms']:>10.1f}  {kib:>38.1f}  {r['host_reads_per_layer']:>16.1f}"
-                f"  {r['max_relative_error']:.1e}"
+                f"{name:<14}  {r['ms']:>10.1f}  {exchange:>12.1f}  {gather:>10.1f}"
+                f"  {r['host_reads_per_layer']:>16.1f}  {r['max_relative_error']:.1e}"
             )
         if args.json:
             common.write_json(args.json, {"env": common.environment(device), "results": totals})
