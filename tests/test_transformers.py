@@ -8,11 +8,13 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 from transformers_worker import worker
 
 import moe_ep.integrations.transformers as integration
 from moe_ep.examples import generate
+from moe_ep.integrations.transformers import loading
 from moe_ep.integrations.transformers.families import family_of
 
 
@@ -94,9 +96,34 @@ def test_sharded_loading_reads_only_this_ranks_experts(tmp_path, monkeypatch):
         def rank(self):
             return 1
 
+    read_keys = []
+
+    class RecordingFile:  # what the loader asks the checkpoint for, tensor by tensor
+        def __init__(self, *args, **kwargs):
+            self.file = safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def keys(self):
+            return self.file.keys()
+
+        def get_tensor(self, key):
+            read_keys.append(key)
+            return self.file.get_tensor(key)
+
+    monkeypatch.setattr(loading, "safe_open", RecordingFile)
     model = integration.empty_model(full.config, torch.float32)
     integration.convert(model, group=Half())
     report = integration.load_pretrained(model, path)
+    experts_read = {
+        int(k.split(".experts.")[1].split(".")[0]) for k in read_keys if ".experts." in k
+    }
+    assert experts_read == {4, 5, 6, 7}
     for name, experts in report.experts_read.items():
         assert experts == {4, 5, 6, 7}, name
     per_expert = 3 * full.config.hidden_size * full.config.intermediate_size * 4
