@@ -32,20 +32,18 @@ def peak_mib() -> float:
 
 
 def save(path: str, args) -> None:
-    from transformers import AutoModelForCausalLM, MixtralConfig
+    from moe_ep.examples import models
 
-    config = MixtralConfig(
-        vocab_size=1024,
-        hidden_size=args.hidden,
-        intermediate_size=args.ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        num_local_experts=args.experts,
-        num_experts_per_tok=2,
+    config = models.small_config(
+        "mixtral",
+        hidden=args.hidden,
+        ffn=args.ffn,
+        experts=args.experts,
+        layers=args.layers,
+        heads=8,
+        vocab=1024,
     )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    models.random_model(config, torch.bfloat16).save_pretrained(path)
 
 
 def main() -> None:

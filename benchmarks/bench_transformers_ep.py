@@ -28,18 +28,18 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 
 import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoModelForCausalLM, DistributedConfig, MixtralConfig
+from transformers import AutoModelForCausalLM, DistributedConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import moe_ep.integrations.transformers  # noqa: E402, F401  (registers "moe_ep")
 from moe_ep import debug  # noqa: E402
+from moe_ep.examples import models  # noqa: E402
 
 IMPLEMENTATIONS = ("all_to_all", "all_reduce", "moe_ep")
 HEADER_BYTES = (
@@ -144,25 +144,19 @@ def main() -> None:
     rank, world, device = common.init_distributed(cpu_only=True)
     dtype = common.DTYPES[args.dtype]
     torch.set_num_threads(1)
-    config = MixtralConfig(
-        vocab_size=1024,
-        hidden_size=args.hidden,
-        intermediate_size=args.ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        num_local_experts=args.experts,
-        num_experts_per_tok=args.topk,
-        initializer_range=0.1,
+    config = models.small_config(
+        "mixtral",
+        hidden=args.hidden,
+        ffn=args.ffn,
+        experts=args.experts,
+        top_k=args.topk,
+        layers=args.layers,
+        heads=8,
+        vocab=1024,
     )
-    with tempfile.TemporaryDirectory() as scratch:
-        path = [os.path.join(scratch, "model")]
-        dist.broadcast_object_list(path, src=0)
-        path = path[0]
-        if rank == 0:
-            torch.manual_seed(0)
-            AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(path)
-        dist.barrier()
+    with models.shared_directory() as scratch:
+        path = os.path.join(scratch, "model")
+        models.save_random_model(config, path, dtype)
         g = torch.Generator().manual_seed(0)  # the same prompts on every rank
         prompts = torch.randint(config.vocab_size, (args.batch, args.seq), generator=g)
         plain = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()

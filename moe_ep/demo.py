@@ -24,15 +24,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, DeepseekV3Config, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from moe_ep import LoadBalancer, dispatcher, ops, plan
+from moe_ep.examples import models
+from moe_ep.examples.generate import logits_error
 from moe_ep.integrations.transformers import (
     MoEBlock,
     convert,
@@ -43,8 +44,10 @@ from moe_ep.integrations.transformers import (
 from moe_ep.integrations.transformers.families import family_of
 from moe_ep.placement import ExpertPlacement
 
-CPU_MODEL = dict(hidden_size=256, moe_intermediate_size=64, intermediate_size=512, experts=32)
-GPU_MODEL = dict(hidden_size=2048, moe_intermediate_size=512, intermediate_size=4096, experts=64)
+# DeepSeek-V3's routing (sigmoid, 8 groups with 4 chosen, top-8 scaled by 2.5, a correction
+# bias, one shared expert) at a small size.
+CPU_MODEL = dict(hidden=256, ffn=64, experts=32, heads=8)
+GPU_MODEL = dict(hidden=2048, ffn=512, experts=64, heads=16)
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,35 +60,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with GPUs")
     p.add_argument("--no-balancer", action="store_true", help="serve on the planner's placement")
     return p.parse_args()
-
-
-def deepseek_config(dims: dict, layers: int) -> DeepseekV3Config:
-    """DeepSeek-V3's routing (sigmoid, 8 groups with 4 chosen, top-8 of the routed experts
-    scaled by 2.5, a correction bias, one shared expert) at a small size."""
-    return DeepseekV3Config(
-        vocab_size=1024,
-        hidden_size=dims["hidden_size"],
-        intermediate_size=dims["intermediate_size"],
-        moe_intermediate_size=dims["moe_intermediate_size"],
-        num_hidden_layers=layers,
-        first_k_dense_replace=1,
-        n_routed_experts=dims["experts"],
-        num_experts_per_tok=8,
-        n_group=8,
-        topk_group=4,
-        n_shared_experts=1,
-        routed_scaling_factor=2.5,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        q_lora_rank=64,
-        kv_lora_rank=32,
-        qk_rope_head_dim=16,
-        qk_nope_head_dim=16,
-        v_head_dim=32,
-        initializer_range=0.1,
-        eos_token_id=None,
-        bos_token_id=None,
-    )
 
 
 def init_distributed(use_cuda: bool) -> torch.device:
@@ -212,7 +186,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     dims = GPU_MODEL if use_cuda else CPU_MODEL
     say = print if rank == 0 else (lambda *a, **k: None)
-    config = deepseek_config(dims, args.layers)
+    config = models.small_config(
+        "deepseek_v3", **dims, top_k=8, groups=8, layers=args.layers, vocab=1024
+    )
     say(
         f"moe_ep demo: DeepSeek-V3-shaped model ({args.layers} layers, the first dense; hidden "
         f"{config.hidden_size}, {config.n_routed_experts} routed experts of FFN "
@@ -222,19 +198,9 @@ def main() -> None:
         f"({dist.get_backend()}), {dtype}; data-parallel attention, expert-parallel MoE"
     )
 
-    with tempfile.TemporaryDirectory() as scratch:
-        path = [os.path.join(scratch, "model")]
-        dist.broadcast_object_list(path, src=0)
-        path = path[0]
-        if rank == 0:
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            for name, buffer in model.named_buffers():
-                if name.endswith("e_score_correction_bias"):
-                    buffer.copy_(torch.randn_like(buffer) * 0.05)
-            model.save_pretrained(path)
-            del model
-        dist.barrier()
+    with models.shared_directory() as scratch:
+        path = os.path.join(scratch, "model")
+        models.save_random_model(config, path, dtype)
 
         # The plain model: every expert on every rank, for the planner's loads and the check.
         reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
@@ -246,7 +212,6 @@ def main() -> None:
         convert(model, group=dist.group.WORLD, placement=placements, device=device)
         report = load_pretrained(model, path, device=device)
         model.eval()
-        dist.barrier()  # every rank has read the checkpoint before rank 0 removes it
     blocks = moe_blocks(model)
     for block in blocks:
         block.balancer = LoadBalancer(block.moe, window=4, threshold=1.05)
@@ -283,9 +248,7 @@ def main() -> None:
     for hook in hooks:
         hook.remove()
     expected_tokens, expected_logits = greedy(reference, prompts, args.new_tokens)
-    errors = (logits.double() - expected_logits.double()).abs().amax(dim=(1, 2))
-    scales = expected_logits.double().abs().amax(dim=(1, 2)).clamp_min(1e-12)
-    logit_error = float((errors / scales).max())
+    logit_error = logits_error(logits, expected_logits)
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     ok = torch.equal(tokens, expected_tokens) and logit_error <= tolerance
 

@@ -13,25 +13,24 @@ from transformers import AutoModelForCausalLM
 from transformers_worker import worker
 
 import moe_ep.integrations.transformers as integration
-from moe_ep.examples import generate
+from moe_ep.examples import generate, models
 from moe_ep.integrations.transformers import loading
 from moe_ep.integrations.transformers.families import family_of
 
 
 def small_model(family, dtype=torch.float32):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(generate.small_config(family), dtype=dtype).eval()
-    for name, buffer in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            buffer.copy_(torch.randn_like(buffer) * 0.05)
-    return model
+    return models.random_model(generate.family_config(family), dtype)
+
+
+def save_small_model(family, path):
+    models.random_model(generate.family_config(family)).save_pretrained(path)
 
 
 def family_blocks(model):
     return [m for m in model.modules() if family_of(m)]
 
 
-@pytest.mark.parametrize("family", generate.FAMILIES)
+@pytest.mark.parametrize("family", models.FAMILIES)
 def test_converted_blocks_route_and_compute_as_the_family_does(family):
     model = small_model(family)
     converted = integration.convert(copy.deepcopy(model))
@@ -86,7 +85,7 @@ def test_sharded_loading_reads_only_this_ranks_experts(tmp_path, monkeypatch):
     """A layer whose placement gives this rank experts 4..7 of 8 reads those tensors and no
     other expert's, and computes as the full model does on them."""
     path = str(tmp_path / "model")
-    generate.save_small_model("mixtral", path)
+    save_small_model("mixtral", path)
     full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     class Half:  # the second half of a group of two, without a process group
@@ -140,8 +139,8 @@ def test_sharded_loading_reads_only_this_ranks_experts(tmp_path, monkeypatch):
 
 def test_loading_names_what_the_checkpoint_lacks(tmp_path):
     path = str(tmp_path / "model")
-    generate.save_small_model("qwen3_moe", path)
-    other = generate.small_config("qwen3_moe")
+    save_small_model("qwen3_moe", path)
+    other = generate.family_config("qwen3_moe")
     other.num_hidden_layers = 3  # one layer more than the checkpoint holds
     model = integration.empty_model(other, torch.float32)
     integration.convert(model)
@@ -157,4 +156,4 @@ def test_convert_rejects_a_model_without_supported_blocks():
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_generation_equals_the_model_without_expert_parallelism(world, tmp_path):
     init_file = os.path.join(tmp_path, "init")
-    mp.spawn(worker, args=(world, init_file, list(generate.FAMILIES)), nprocs=world, join=True)
+    mp.spawn(worker, args=(world, init_file, list(models.FAMILIES)), nprocs=world, join=True)

@@ -12,7 +12,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import process_group  # noqa: E402
 
-from moe_ep.examples import generate  # noqa: E402
+from moe_ep.examples import generate, models  # noqa: E402
 
 
 def check_generation(families):
@@ -37,9 +37,7 @@ def check_misuse(tmp_dir):
 
     world = dist.get_world_size()
     path = os.path.join(tmp_dir, "misuse")
-    if dist.get_rank() == 0:
-        generate.save_small_model("qwen3_moe", path)
-    dist.barrier()
+    models.save_random_model(generate.family_config("qwen3_moe"), path)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=torch.float32,

@@ -24,96 +24,25 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import transformers
-from transformers import (
-    AutoModelForCausalLM,
-    DeepseekV3Config,
-    DistributedConfig,
-    MixtralConfig,
-    Qwen2MoeConfig,
-    Qwen3MoeConfig,
-)
+from transformers import AutoModelForCausalLM, DistributedConfig
 
 import moe_ep.integrations.transformers as moe_ep_transformers
 from moe_ep import debug
-
-COMMON = dict(
-    vocab_size=256,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    initializer_range=0.1,  # decisive routing and logits: no near-ties at float32 rounding
-    eos_token_id=None,  # every rank generates the same number of tokens
-    bos_token_id=None,
-)
+from moe_ep.examples import models
 
 
-def small_config(family: str):
-    """A small config of the family: 8 to 16 experts, top-2 to top-4, two layers."""
-    if family == "mixtral":
-        return MixtralConfig(
-            **COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2
-        )
-    if family == "qwen2_moe":
-        return Qwen2MoeConfig(
-            **COMMON,
-            intermediate_size=64,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=48,
-            num_experts=8,
-            num_experts_per_tok=2,
-            norm_topk_prob=False,
-        )
-    if family == "qwen3_moe":
-        return Qwen3MoeConfig(
-            **COMMON,
-            head_dim=16,
-            intermediate_size=64,
-            moe_intermediate_size=32,
-            num_experts=8,
-            num_experts_per_tok=2,
-            norm_topk_prob=True,
-        )
+def family_config(family: str):
+    """The family's small model: 8 experts top-2, DeepSeek-V3 16 experts top-4 in 2 of 4
+    groups."""
     if family == "deepseek_v3":
-        return DeepseekV3Config(
-            **COMMON,
-            intermediate_size=96,
-            moe_intermediate_size=32,
-            first_k_dense_replace=1,
-            n_routed_experts=16,
-            num_experts_per_tok=4,
-            n_group=4,
-            topk_group=2,
-            n_shared_experts=1,
-            routed_scaling_factor=2.5,
-            q_lora_rank=32,
-            kv_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=16,
-        )
-    raise ValueError(f"family: one of {FAMILIES}, got {family!r}")
-
-
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
-
-
-def save_small_model(family: str, path: str, seed: int = 0) -> None:
-    """Random weights (seeded), with a non-zero DeepSeek-V3 correction bias so that its
-    loading and its effect on the choice are exercised."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(small_config(family), dtype=torch.float32)
-    for name, buffer in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            buffer.copy_(torch.randn_like(buffer) * 0.05)
-    model.save_pretrained(path)
+        return models.small_config(family, experts=16, top_k=4)
+    return models.small_config(family)
 
 
 @dataclass
@@ -171,9 +100,7 @@ def compare(family, path, model, reference, prompts, new_tokens, layers, **kwarg
 def check_family(family: str, directory: str, new_tokens: int, batch: int) -> list[Check]:
     rank, world = dist.get_rank(), dist.get_world_size()
     path = os.path.join(directory, family)
-    if rank == 0:
-        save_small_model(family, path)
-    dist.barrier()
+    models.save_random_model(family_config(family), path)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     config = reference.config
     layers = sum(1 for m in reference.modules() if moe_ep_transformers.families.family_of(m))
@@ -226,15 +153,13 @@ def run(families, new_tokens: int = 6, batch: int = 2, directory: str | None = N
     """Every family's checks on this rank (collective: every rank calls it alike)."""
     torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()
-    with tempfile.TemporaryDirectory() as scratch:
-        shared = [directory or scratch]
-        dist.broadcast_object_list(shared, src=0)  # rank 0's directory for everyone
-        return [c for f in families for c in check_family(f, shared[0], new_tokens, batch)]
+    with models.shared_directory(directory) as shared:
+        return [c for f in families for c in check_family(f, shared, new_tokens, batch)]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--families", default=",".join(FAMILIES))
+    p.add_argument("--families", default=",".join(models.FAMILIES))
     p.add_argument("--new-tokens", type=int, default=6)
     p.add_argument("--batch", type=int, default=2, help="prompts per rank")
     p.add_argument("--rtol", type=float, default=1e-4)
