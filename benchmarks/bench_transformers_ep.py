@@ -8,8 +8,9 @@ The model: a Mixtral-shaped model with random weights (saved once, loaded three 
 rank holding the same prompts (tp_size == ep_size, transformers' shared batch). Per
 implementation:
 
-* time per forward (prefill of --batch x --seq tokens; median over --iters of the slowest
-  rank, ranks started together);
+* time per forward (prefill of --batch x --seq tokens; median over --iters rounds of the
+  slowest rank, ranks started together; the rounds go round-robin over the three loaded
+  models, so that the machine's load changes hit them alike);
 * bytes sent per MoE layer per rank, from the step's routing and what each implementation's
   code sends (counted here, not traced):
   all_to_all: each rank's slice of the batch, one row per (token, expert) on another rank,
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import sys
 
 import torch
@@ -166,32 +168,42 @@ def main() -> None:
         del plain
         row = args.hidden * torch.finfo(dtype).bits // 8
         sent = [bytes_per_layer(ids, world, rank, args.experts, row) for ids in layer_ids]
-        results = {}
-        for name in IMPLEMENTATIONS:
-            model = AutoModelForCausalLM.from_pretrained(
+        loaded = {
+            name: AutoModelForCausalLM.from_pretrained(
                 path,
                 dtype=dtype,
                 distributed_config=DistributedConfig(
                     ep_size=world, tp_size=world, ep_implementation=name
                 ),
             ).eval()
-            with torch.no_grad():
-                logits, ms = common.time_collective(
-                    device, args.iters, lambda m=model: m(prompts).logits
+            for name in IMPLEMENTATIONS
+        }
+    # Round-robin: each round times one forward of every implementation, so that a change
+    # of the machine's load hits them alike.
+    samples = {name: [] for name in IMPLEMENTATIONS}
+    logits = {}
+    with torch.no_grad():
+        for _ in range(args.iters):
+            for name, model in loaded.items():
+                logits[name], ms = common.time_collective(
+                    device, 1, lambda m=model: m(prompts).logits
                 )
-                reads_before = debug.host_reads()
-                with counting_host_waits() as waits:
-                    model(prompts)
-                reads = debug.host_reads() - reads_before + waits.count
-            error = float((logits - expected).abs().max() / expected.abs().max())
-            results[name] = dict(
-                ms=ms,
-                exchange_bytes_per_layer=sum(s[name][0] for s in sent) / len(sent),
-                gather_bytes_per_layer=sum(s[name][1] for s in sent) / len(sent),
-                host_reads_per_layer=reads / args.layers,
-                max_relative_error=error,
-            )
-            del model
+                samples[name].append(ms)
+    results = {}
+    for name, model in loaded.items():
+        with torch.no_grad():
+            reads_before = debug.host_reads()
+            with counting_host_waits() as waits:
+                model(prompts)
+            reads = debug.host_reads() - reads_before + waits.count
+        error = (logits[name] - expected).abs().max() / expected.abs().max()
+        results[name] = dict(
+            ms=statistics.median(samples[name]),
+            exchange_bytes_per_layer=sum(s[name][0] for s in sent) / len(sent),
+            gather_bytes_per_layer=sum(s[name][1] for s in sent) / len(sent),
+            host_reads_per_layer=reads / args.layers,
+            max_relative_error=float(error),
+        )
     totals = [None] * world
     dist.all_gather_object(totals, results)
     if rank == 0:
