@@ -148,6 +148,16 @@ def test_loading_names_what_the_checkpoint_lacks(tmp_path):
         integration.load_pretrained(model, path)
 
 
+def test_converted_blocks_refuse_gradients():
+    model = small_model("qwen2_moe")
+    block = integration.moe_blocks(integration.convert(copy.deepcopy(model)))[0]
+    x = torch.randn(2, 3, model.config.hidden_size, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference only"):
+        block(x)
+    with torch.no_grad():
+        block(x)
+
+
 def test_convert_rejects_a_model_without_supported_blocks():
     with pytest.raises(ValueError, match="model: no MoE block"):
         integration.convert(torch.nn.Linear(4, 4))

@@ -9,6 +9,7 @@ that routes as the family does (moe_ep.integrations.transformers.families) and h
 rank's experts only, with the block's shared expert (if any) run through overlap_fn, in the
 gaps of the expert-parallel step. Every rank of the group must run the model's forward the
 same number of times (generate(..., synced_gpus=True) keeps finished ranks stepping).
+Inference only: a block whose input requires gradients raises.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ class MoEBlock(nn.Module):
         self._overlap = None if shared is None else (lambda chunk, x: shared(x))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and hidden_states.requires_grad:
+            raise RuntimeError(
+                f"{self.family} MoE block served by moe_ep: inference only (its ops have no "
+                "backward); call the model under torch.no_grad() or torch.inference_mode()"
+            )
         self.moe.check_input(hidden_states)
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
         topk_ids, topk_weights = self.moe.route(tokens)
