@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--layers", type=int, default=4, help="decoder layers (the first is dense)")
     p.add_argument("--prompts", type=int, default=4, help="prompts per rank")
-    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=12)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--iters", type=int, default=5, help="timed repetitions per stage")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with GPUs")
@@ -213,8 +213,11 @@ def main() -> None:
         report = load_pretrained(model, path, device=device)
         model.eval()
     blocks = moe_blocks(model)
-    for block in blocks:
-        block.balancer = LoadBalancer(block.moe, window=4, threshold=1.05)
+    # Synchronous migration at a window's end, so that the short demo ends with every
+    # re-plan live (bench_balance.py measures the background migration).
+    balancers = [
+        LoadBalancer(block.moe, window=4, threshold=1.05, background=False) for block in blocks
+    ]
     expert_bytes = sum(b.moe.w13.nbytes + b.moe.w2.nbytes for b in blocks)
     say(
         f"sharded loading: rank 0 read {report.expert_bytes_read / 2**20:.2f} MiB of experts "
@@ -240,9 +243,9 @@ def main() -> None:
     hooks = [b.register_forward_pre_hook(capture(i)) for i, b in enumerate(blocks)]
 
     def rebalance() -> None:
-        for block in blocks:
+        for balancer in balancers:
             if not args.no_balancer:
-                block.balancer.maybe_rebalance()
+                balancer.step()
 
     tokens, logits = greedy(model, prompts, args.new_tokens, rebalance)
     for hook in hooks:
@@ -252,11 +255,9 @@ def main() -> None:
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     ok = torch.equal(tokens, expected_tokens) and logit_error <= tolerance
 
-    # Per-layer figures on each layer's prefill input, on the balancer's final placement;
-    # the balance first, then the timings without the balancer (they would count as steps).
+    # Per-layer figures on each layer's prefill input, on the balancer's final placement.
     rows = []
-    for i, block in enumerate(blocks):
-        balancer, block.balancer = block.balancer, None
+    for i, (block, balancer) in enumerate(zip(blocks, balancers, strict=True)):
         balance = [balancer.imbalance(placements[i]), balancer.imbalance()]
         times = stage_times(block, captured[i], device, args.iters)
         sent, per_pair = bytes_sent(block.moe, captured[i])
@@ -283,7 +284,7 @@ def main() -> None:
         times = "  ".join(f"{v:8.2f}" for v in worst[i, :6].tolist())
         say(f"{i + 1:>5}  {times}   {total[i, 6] / 1024:8.1f}  ({total[i, 7] / 1024:.1f})")
     say(
-        "balance: max/mean rank load of the last 4 served steps (the balancer's window, all "
+        "balance: max/mean rank load over the balancer's last window (4 served steps, all "
         "ranks' tokens)"
     )
     for i in range(len(blocks)):

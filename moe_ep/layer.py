@@ -148,6 +148,10 @@ class MoELayer(nn.Module):
             )
         else:
             self.expert_bias = None
+        # int64 [local slots] on the weights' device, or None: (token, choice) entries each
+        # local slot received, accumulated by every expert-parallel step from the offsets the
+        # dispatch computes anyway (moe_ep.LoadBalancer sets it and reads it between steps).
+        self.slot_counts: torch.Tensor | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -247,6 +251,8 @@ class MoELayer(nn.Module):
         self.local_expert_ids = local
         self.w13 = nn.Parameter(w13.to(self.w13), requires_grad=False)
         self.w2 = nn.Parameter(w2.to(self.w2), requires_grad=False)
+        if self.slot_counts is not None:  # the counts restart with the new slots
+            self.slot_counts = self.slot_counts.new_zeros(len(local))
 
     def slot_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """The physical slots that this rank's (token, choice) pairs go to."""
@@ -333,6 +339,8 @@ class MoELayer(nn.Module):
         the rows that arrived are computed (a rank with fewer experts than the widest one
         ignores the empty trailing groups)."""
         offsets = received.expert_offsets[: self.w13.shape[0] + 1]
+        if self.slot_counts is not None:
+            self.slot_counts += offsets.diff()
         return ops.expert_ffn(
             received.x_sorted, offsets, self.w13, self.w2, self.activation, check_offsets=False
         )
@@ -370,6 +378,7 @@ class MoELayer(nn.Module):
                 self.activation,
                 num_chunks,
                 self.group,
+                self.slot_counts,
             )
         routed, extra = pipeline.run_layer(self, x, slots, topk_weights, num_chunks, overlap_fn)
         if self.dispatch_mode == "capacity" and self.on_overflow != "report":
@@ -389,7 +398,17 @@ class MoELayer(nn.Module):
         is added to the chunk's output (a shared expert, say)."""
         self.check_input(x)
         tokens = x.reshape(-1, self.hidden)
-        return self.forward_routed(tokens, *self.route(tokens), overlap_fn).view(x.shape)
+        topk_ids, topk_weights = self.route(tokens)
+        if self.group is None:
+            out = self.experts(tokens, topk_ids, topk_weights)
+            if overlap_fn is not None:
+                extra = overlap_fn(0, tokens)
+                out = out if extra is None else out + extra
+            return out.view(x.shape)
+        out = self._expert_parallel(
+            tokens, self.slot_ids(topk_ids), topk_weights, self.num_chunks, overlap_fn
+        )
+        return out.view(x.shape)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raises naming `x` when it does not fit the layer: a hidden size that the router
@@ -404,26 +423,6 @@ class MoELayer(nn.Module):
                 f"x: dtype {x.dtype} differs from the layer's dtype {self.w13.dtype} (its expert "
                 f"weights); cast the input, e.g. x.to({self.w13.dtype})"
             )
-
-    def forward_routed(
-        self,
-        tokens: torch.Tensor,
-        topk_ids: torch.Tensor,
-        topk_weights: torch.Tensor,
-        overlap_fn: OverlapFn | None = None,
-    ) -> torch.Tensor:
-        """forward() after routing, for callers that look at the routing first (a
-        LoadBalancer counting it): tokens [T, H], topk_ids and topk_weights [T, k] from
-        route(tokens)."""
-        if self.group is None:
-            out = self.experts(tokens, topk_ids, topk_weights)
-            if overlap_fn is not None:
-                extra = overlap_fn(0, tokens)
-                out = out if extra is None else out + extra
-            return out
-        return self._expert_parallel(
-            tokens, self.slot_ids(topk_ids), topk_weights, self.num_chunks, overlap_fn
-        )
 
     def extra_repr(self) -> str:
         return (

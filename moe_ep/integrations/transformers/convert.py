@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_ep.balance import LoadBalancer
 from moe_ep.integrations.transformers import families
 from moe_ep.layer import MoELayer
 from moe_ep.placement import ExpertPlacement
@@ -34,7 +33,6 @@ class MoEBlock(nn.Module):
 
     `source_names` maps the original block's parameter names (relative to the block) to the
     MoELayer's: what a checkpoint loader needs to find the router and the experts.
-    An optional LoadBalancer (`balancer`) sees every step's routing before the experts run.
     """
 
     def __init__(self, block: nn.Module, moe: MoELayer, source_names: dict[str, str]) -> None:
@@ -46,7 +44,6 @@ class MoEBlock(nn.Module):
                 self.add_module(name, child)
         self.moe = moe
         self.source_names = source_names
-        self.balancer: LoadBalancer | None = None
         shared = family.shared(self)  # on this block, which holds the same shared children
         self._overlap = None if shared is None else (lambda chunk, x: shared(x))
 
@@ -56,13 +53,7 @@ class MoEBlock(nn.Module):
                 f"{self.family} MoE block served by moe_ep: inference only (its ops have no "
                 "backward); call the model under torch.no_grad() or torch.inference_mode()"
             )
-        self.moe.check_input(hidden_states)
-        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
-        topk_ids, topk_weights = self.moe.route(tokens)
-        if self.balancer is not None:
-            self.balancer.observe(topk_ids)
-        out = self.moe.forward_routed(tokens, topk_ids, topk_weights, self._overlap)
-        return out.view(hidden_states.shape)
+        return self.moe(hidden_states, self._overlap)
 
 
 def moe_blocks(model: nn.Module) -> list[MoEBlock]:
