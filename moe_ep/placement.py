@@ -38,6 +38,7 @@ class ExpertPlacement:
             slots = torch.arange(self.num_slots, dtype=torch.int32, device=self.slot_rank.device)
             object.__setattr__(self, "log2phy", slots.view(-1, 1))
         self._validate()
+        self.slots_are_experts  # noqa: B018  (read now, with the validation's, not in a step)
 
     def _validate(self) -> None:
         slots = self.num_slots
@@ -146,7 +147,8 @@ class ExpertPlacement:
     @cached_property
     def slots_are_experts(self) -> bool:
         """Slot e holds expert e for every e (the one-replica constructors' layout), so that
-        logical ids are slot ids. Computed once per placement (a host read on a CUDA map)."""
+        logical ids are slot ids. Computed when the placement is made (a host read on a CUDA
+        map, with those of its validation), so that no step reads it."""
         identity = torch.arange(self.num_slots, device=self.log2phy.device).view(-1, 1)
         return not self.has_replicas and bool(torch.equal(self.log2phy.long(), identity))
 
