@@ -16,6 +16,13 @@ if ((${#missing[@]})); then
   "$PYTHON" -m pip install --quiet "${missing[@]}"
 fi
 "$PYTHON" -m pip show setuptools wheel >/dev/null 2>&1 || "$PYTHON" -m pip install --quiet setuptools wheel
+# moe_ep.integrations.transformers (the demo, its tests): transformers 5's expert-parallel
+# interface, accelerate and safetensors.
+"$PYTHON" -c "from transformers.distributed.expert_parallel import EPImplementationInterface
+import accelerate, safetensors" 2>/dev/null || {
+  echo "[setup] installing from PyPI: transformers>=5.24 accelerate safetensors"
+  "$PYTHON" -m pip install --quiet "transformers>=5.24" accelerate safetensors
+}
 
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 echo "[setup] building moe_ep._C (MAX_JOBS=$MAX_JOBS)"
