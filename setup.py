@@ -64,8 +64,8 @@ def cuda_targets() -> list[str]:
         os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list()
     # Private, but it is the very function BuildExtension calls to make nvcc's -gencode flags.
     flags = cpp_extension._get_cuda_arch_flags()
-    targets = {flag.split("code=")[1] for flag in flags}
-    return sorted(targets, key=lambda t: (int(t.split("_")[1].rstrip("af")), t))
+    targets = {flag.split(",code=")[1] for flag in flags}  # -gencode=arch=compute_90,code=sm_90
+    return sorted(targets, key=lambda t: (int(t.split("_")[1].rstrip("af")), t.startswith("c")))
 
 
 def write_if_changed(path: str, text: str) -> None:
