@@ -11,6 +11,14 @@ deduplicated minimum, so its bytes moved are printed beside the baseline's.
 
 Per configuration and path: the median over iterations of the slowest rank's time, and the
 algorithmic bandwidth = hidden-state bytes this rank sends / time (metadata excluded).
+
+A second table holds what no machine can hide, for the exact-size and the fixed-capacity
+dispatch (capacity = the tokens per rank): host reads per dispatch + combine
+(moe_ep.debug.host_reads), operators per dispatch and per combine (moe_ep.debug.op_counts:
+kernels and collectives), bytes per dispatched row (hidden state + metadata), and the rows the
+experts compute against the rows they need (the (token, choice) pairs routed to the rank); the
+design before the device-driven path computed every local expert's block of world x capacity
+rows in fixed-capacity mode, printed beside it.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from moe_ep import dispatcher  # noqa: E402
+from moe_ep import debug, dispatcher  # noqa: E402
 from moe_ep.placement import ExpertPlacement  # noqa: E402
 
 
@@ -68,6 +76,50 @@ def baseline_combine(y, received_meta, order, send_splits, recv_splits, num_toke
     out = torch.zeros((num_tokens, y.shape[1]), dtype=torch.float32, device=y.device)
     out.index_add_(0, order // top_k, returned.float())
     return out.to(y.dtype)
+
+
+def hot_path_counts(x, ids, weights, placement, mode, rank, world):
+    """Host reads, operators, bytes per row and rows computed / needed of one dispatch +
+    combine (after a warm-up call, which makes the fixed-capacity handshake)."""
+    tokens = x.shape[0]
+    capacity = max(1, tokens)
+
+    def run():
+        if mode == "exact":
+            received = dispatcher.dispatch(x, ids, weights, placement)
+        else:
+            received = dispatcher.dispatch_capacity(x, ids, weights, placement, capacity)
+        return received, dispatcher.combine(received.x_sorted, received)
+
+    received, _ = run()
+    if mode == "capacity":
+        received.check()
+    with debug.counting_host_reads() as reads:
+        run()
+    held = {}
+    dispatch_ops = debug.op_counts(lambda: held.update(r=run()[0]))
+    received = held["r"]
+    combine_ops = debug.op_counts(lambda: dispatcher.combine(received.x_sorted, received))
+    if mode == "capacity":
+        received.check()  # after the counted step, as a serving loop does
+    local = placement.num_local_experts
+    width = min(ids.shape[1], local)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, ids.cpu())
+    needed = sum(int((placement.slot_rank.cpu()[i.long()] == rank).sum()) for i in everyone)
+    computed = int(received.expert_offsets[-1])
+    old_computed = local * world * capacity if mode == "capacity" else needed
+    row_bytes = x.shape[1] * x.element_size() + 8 * width
+    return {
+        "mode": mode,
+        "host reads": reads.count,
+        "disp ops": sum(dispatch_ops.values()) - sum(combine_ops.values()),
+        "comb ops": sum(combine_ops.values()),
+        "B/row": row_bytes,
+        "rows needed": needed,
+        "computed/needed": computed / max(needed, 1),
+        "old computed/needed": old_computed / max(needed, 1),
+    }
 
 
 def main() -> None:
@@ -142,13 +194,33 @@ def main() -> None:
             say(common.format_table([row], list(row)))
 
     say("\n" + common.format_table(rows, list(rows[0])))
+    counts = []
+    for tokens in tokens_list:
+        for top_k in args.topk:
+            torch.manual_seed(rank)
+            x = torch.randn(tokens, args.hidden, device=device).to(dtype)
+            ids = torch.randn(tokens, args.experts, device=device).topk(top_k, dim=-1)[1].int()
+            weights = torch.rand(tokens, top_k, device=device)
+            for mode in ("exact", "capacity"):
+                row = {"T/rank": tokens, "k": top_k}
+                row.update(hot_path_counts(x, ids, weights, placement, mode, rank, world))
+                counts.append(row)
+    say("\n" + common.format_table(counts, list(counts[0])))
+    say(
+        "# host reads: per dispatch + combine (rank 0). ops: kernels and collectives per call "
+        "(CPU operator count; the CUDA counting sort is 3 kernels). B/row: hidden state + "
+        "metadata bytes per dispatched row. computed/needed: expert rows computed over the "
+        "(token, choice) pairs routed to rank 0; old: the fixed-capacity design before this one."
+    )
     say(
         "# MB sent: hidden-state bytes the busiest rank sends per dispatch (moe_ep: one row per "
         "(token, rank), the deduplicated minimum; base: one row per (token, choice))."
     )
     say("# disp x / comb x: baseline time / moe_ep time. GB/s: those bytes / dispatch time.")
     if args.json and rank == 0:
-        common.write_json(args.json, {"environment": env, "world": world, "rows": rows})
+        common.write_json(
+            args.json, {"environment": env, "world": world, "rows": rows, "hot_path": counts}
+        )
     dist.destroy_process_group()
 
 

@@ -1,14 +1,19 @@
 """Single-rank benchmark of the moe_ep ops and the whole local MoE layer.
 
 Times route, permute, expert_ffn, unpermute and moe_ep.MoELayer side by side with plain
-PyTorch (and, for expert_ffn, torch._grouped_mm where it runs: CUDA sm90+, bf16), and
-reports each op's TFLOP/s or GB/s as a fraction of the dense-matmul rate and the copy
-bandwidth measured in the same run.
+PyTorch, and reports each op's TFLOP/s or GB/s as a fraction of the dense-matmul rate and the
+copy bandwidth measured in the same run.
 
-On CUDA, expert_ffn is timed with both cuBLAS paths of MOE_EP_EXPERT_GEMM: "ms ours" is
-per_expert (the default: one GEMM per expert), "ms grouped" is grouped (one grouped GEMM per
-projection), and "per/grp" is their ratio (> 1: grouped is faster). The other ops and the
-layer run with the variable as set in the environment.
+expert_ffn gets one row per implementation ("impl"), each against the same torch loop: on
+CUDA every MOE_EP_EXPERT_GEMM variant (per_expert, cublas_grouped, grouped_mm), on the CPU the
+CPU op ("cpu"), and on both plain torch.nn.functional.grouped_mm ("F.grouped_mm", where it
+runs). Our variants take the offsets where permute left them (on the GPU for CUDA) with
+check_offsets=False, as moe_ep's own callers do. "reads" is moe_ep's host reads in one call
+(moe_ep.debug); "buf2x" is the best time of the same call on a fixed-size buffer with twice
+the rows (the second half unused) over the best time on the exact rows: 1 when only the rows
+the offsets cover cost time, 2 when the whole buffer is computed; "rows c/n" is the rows our
+GEMMs ran over on that buffer (the profiler's aten::mm shapes, CPU only) per row needed. The
+other ops and the layer run with MOE_EP_EXPERT_GEMM as set in the environment.
 
     python benchmarks/bench_local.py                       # the defaults of the device
     python benchmarks/bench_local.py --device cuda --experts 256 --topk 8 --json out.json
@@ -37,6 +42,7 @@ import common  # noqa: E402
 
 import moe_ep  # noqa: E402
 from moe_ep import ops, reference  # noqa: E402
+from moe_ep.debug import counting_host_reads  # noqa: E402
 
 COLUMNS = [
     "op",
@@ -53,11 +59,14 @@ COLUMNS = [
     "GB/s",
     "%copy",
     "err",
-    "ms grouped",
-    "per/grp",
+    "impl",
+    "reads",
+    "buf2x",
+    "rows c/n",
 ]
-WIDTHS = [10, 4, 2, 6, 8, 8, 8, 19, 7, 7, 5, 6, 5, 8, 10, 7]
-EXPERT_GEMM = "MOE_EP_EXPERT_GEMM"  # per_expert (default) | grouped, read by the CUDA op per call
+WIDTHS = [10, 4, 2, 6, 8, 8, 8, 19, 7, 7, 5, 6, 5, 8, 14, 5, 5, 8]
+EXPERT_GEMM = "MOE_EP_EXPERT_GEMM"  # read by the CUDA op on every call
+CUDA_VARIANTS = ["per_expert", "cublas_grouped", "grouped_mm"]  # auto picks one of these
 
 
 # --------------------------------------------------------------------------------------
@@ -135,29 +144,26 @@ def expert_ffn_loop(x, offsets, w13, w2):
     return out
 
 
-def grouped_mm_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    """None when torch._grouped_mm can run here, else why not."""
-    if not hasattr(torch, "_grouped_mm"):
-        return f"torch {torch.__version__} has no torch._grouped_mm"
-    if device.type != "cuda":
-        return "torch._grouped_mm needs CUDA (sm90+)"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 9:
-        return f"torch._grouped_mm needs sm90+, this GPU is sm{major}{minor}"
-    if dtype != torch.bfloat16:
-        return "torch._grouped_mm needs bf16"
-    return None
-
-
 def expert_ffn_grouped_mm(x, offs32, w13_t, w2_t):
-    """Gated FFN with two torch._grouped_mm calls; w13_t [E, H, 2F], w2_t [E, F, H]."""
-    gate, up = torch._grouped_mm(x, w13_t, offs=offs32).chunk(2, dim=-1)
-    return torch._grouped_mm(F.silu(gate) * up, w2_t, offs=offs32)
+    """Gated FFN with two torch.nn.functional.grouped_mm calls; w13_t [E, H, 2F], w2_t [E, F, H]."""
+    gate, up = F.grouped_mm(x, w13_t, offs=offs32).chunk(2, dim=-1)
+    return F.grouped_mm(F.silu(gate) * up, w2_t, offs=offs32)
+
+
+def gemm_rows(fn) -> int:
+    """Rows that the aten::mm calls of fn() multiply, summed (from the profiler's shapes)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        fn()
+    return sum(e.input_shapes[0][0] for e in prof.events() if e.name == "aten::mm")
 
 
 @contextlib.contextmanager
-def expert_gemm(value: str):
-    """Runs the body with MOE_EP_EXPERT_GEMM=value, then restores the variable."""
+def expert_gemm(value: str | None):
+    """Runs the body with MOE_EP_EXPERT_GEMM=value (None: unchanged), then restores it."""
+    if value is None:
+        yield
+        return
     old = os.environ.get(EXPERT_GEMM)
     os.environ[EXPERT_GEMM] = value
     try:
@@ -184,9 +190,11 @@ class Bench:
         self.active: int | None = None  # experts with at least one row in this config
         self.notes: list[str] = []
 
-    def time(self, fn) -> float:
+    def time(self, fn, best: bool = False) -> float:
         a = self.args
-        return common.time_ms(fn, self.device, warmup=a.warmup, iters=a.iters, budget_s=a.budget)
+        return common.time_ms(
+            fn, self.device, warmup=a.warmup, iters=a.iters, budget_s=a.budget, best=best
+        )
 
     def add(
         self,
@@ -277,7 +285,7 @@ class Bench:
 
         y = ops.expert_ffn(permuted, offsets, layer.w13, layer.w2)
         if "expert_ffn" in want:
-            self.expert_ffn_rows(H, F_, E, k, T, permuted, offsets, layer.w13, layer.w2, y)
+            self.expert_ffn_rows(H, F_, E, k, T, permuted, offsets, layer.w13, layer.w2)
 
         if "unpermute" in want:
             ms = self.time(lambda: ops.unpermute(y, row_of, weights))
@@ -291,70 +299,86 @@ class Bench:
                 args = (x, layer.gate_weight, layer.w13, layer.w2, k)
                 ref_ms = self.time(lambda: reference.moe_layer_torch(*args))
                 err = rel_err(layer(x), reference.moe_layer_torch(*args))
-            self.add("layer", H, F_, E, k, T, ms, ref_ms, "moe_layer_torch", err)
+                with counting_host_reads() as reads:
+                    layer(x)
+            self.add(
+                "layer",
+                H,
+                F_,
+                E,
+                k,
+                T,
+                ms,
+                ref_ms,
+                "moe_layer_torch",
+                err,
+                extra={"reads": reads.count},
+            )
 
     def expert_ffn_rows(
-        self, H, F_, E, k, T, x, offsets, w13, w2, y, label="expert_ffn", rows_per_expert=None
+        self, H, F_, E, k, T, x, offsets, w13, w2, label="expert_ffn", rows_per_expert=None
     ):
-        with expert_gemm("per_expert"):
-            ms = self.time(lambda: ops.expert_ffn(x, offsets, w13, w2))
-        ref_ms = self.time(lambda: expert_ffn_loop(x, offsets, w13, w2))
+        """One row per implementation of the expert FFN, each against the same torch loop."""
+        cuda = self.device.type == "cuda"
+        loop_ms = self.time(lambda: expert_ffn_loop(x, offsets, w13, w2))
         loop = expert_ffn_loop(x, offsets, w13, w2)
-        err = rel_err(y, loop)
-        extra = None
-        if self.device.type == "cuda":  # the CPU op has a single implementation
-            with expert_gemm("grouped"):
-                grouped_ms = self.time(lambda: ops.expert_ffn(x, offsets, w13, w2))
-                grouped_err = rel_err(ops.expert_ffn(x, offsets, w13, w2), loop)
-            extra = {
-                "ms grouped": grouped_ms,
-                "per/grp": ms / grouped_ms,
-                "err grouped": grouped_err,
-            }
-        self.add(
-            label,
-            H,
-            F_,
-            E,
-            k,
-            T,
-            ms,
-            ref_ms,
-            "torch loop",
-            err,
-            rows_per_expert,
-            "expert_ffn",
-            extra,
-        )
-        reason = grouped_mm_reason(self.device, self.dtype)
-        if reason is None:
+        needed = int(offsets[-1])
+        buffer = torch.cat([x, torch.zeros_like(x)])  # fixed size, second half unused
+
+        def row(impl, ms, err, extra=None):
+            self.add(
+                label,
+                H,
+                F_,
+                E,
+                k,
+                T,
+                ms,
+                loop_ms,
+                "torch loop",
+                err,
+                rows_per_expert,
+                "expert_ffn",
+                {"impl": impl, **(extra or {})},
+            )
+
+        for impl in CUDA_VARIANTS if cuda else ["cpu"]:
+            with expert_gemm(impl if cuda else None):
+
+                def call(rows):
+                    return ops.expert_ffn(rows, offsets, w13, w2, check_offsets=False)
+
+                y = call(x)
+                with counting_host_reads() as reads:
+                    call(x)
+                ms = self.time(lambda: call(x))
+                # Best of the samples on both sides: waiting for a shared core only adds time.
+                buf2x = self.time(lambda: call(buffer), best=True) / self.time(
+                    lambda: call(x), best=True
+                )
+                extra = {"reads": reads.count, "buf2x": buf2x}
+                if not cuda:  # two GEMMs per expert, one gate/up and one down
+                    extra["rows c/n"] = gemm_rows(lambda: call(buffer)) / 2 / needed
+            row(impl, ms, rel_err(y, loop), extra)
+
+        if not hasattr(F, "grouped_mm"):
+            reason = f"torch {torch.__version__} has no torch.nn.functional.grouped_mm"
+        else:
             try:
                 offs32 = offsets[1:].to(device=self.device, dtype=torch.int32)
                 w13_t, w2_t = w13.transpose(1, 2), w2.transpose(1, 2)
                 gm_ms = self.time(lambda: expert_ffn_grouped_mm(x, offs32, w13_t, w2_t))
-                gm_err = rel_err(y, expert_ffn_grouped_mm(x, offs32, w13_t, w2_t))
-                self.add(
-                    label,
-                    H,
-                    F_,
-                    E,
-                    k,
-                    T,
-                    ms,
+                row(
+                    "F.grouped_mm",
                     gm_ms,
-                    "torch._grouped_mm",
-                    gm_err,
-                    rows_per_expert,
-                    "expert_ffn",
-                    extra,
+                    rel_err(expert_ffn_grouped_mm(x, offs32, w13_t, w2_t), loop),
                 )
+                return
             except Exception as exc:  # noqa: BLE001  (report any failure, keep benchmarking)
-                reason = (
-                    f"torch._grouped_mm failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-                )
-        if reason is not None and reason not in self.notes:
+                reason = f"F.grouped_mm failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        if reason not in self.notes:
             self.notes.append(reason)
-            print(f"# skipped torch._grouped_mm: {reason}", flush=True)
+            print(f"# skipped torch.nn.functional.grouped_mm: {reason}", flush=True)
 
     def local_expert_config(self, H, F_, E_local, rows_per_expert):
         """The expert-parallel case: E_local experts, `rows_per_expert` rows each."""
@@ -364,12 +388,11 @@ class Bench:
         x = torch.randn(N, H, device=dev).to(dt)
         w13 = (torch.randn(E_local, 2 * F_, H, device=dev) / H**0.5).to(dt)
         w2 = (torch.randn(E_local, H, F_, device=dev) / F_**0.5).to(dt)
-        offsets = torch.arange(E_local + 1, dtype=torch.long) * rows_per_expert
+        offsets = torch.arange(E_local + 1, dtype=torch.long, device=dev) * rows_per_expert
         self.active = E_local
-        y = ops.expert_ffn(x, offsets, w13, w2)
         # Rows are the tokens here (k = 1): T = N.
         self.expert_ffn_rows(
-            H, F_, E_local, 1, N, x, offsets, w13, w2, y, "ffn_local", rows_per_expert
+            H, F_, E_local, 1, N, x, offsets, w13, w2, "ffn_local", rows_per_expert
         )
 
 
@@ -438,7 +461,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     env = common.environment(device)
     if device.type == "cuda":  # the CPU op has a single implementation
-        env["expert_gemm"] = os.environ.get(EXPERT_GEMM) or "per_expert (unset)"
+        env["expert_gemm"] = os.environ.get(EXPERT_GEMM) or "auto (unset)"
     mm = common.measured_matmul_tflops(device, dtype, args.mm_size)
     copy = common.measured_copy_gbps(device, args.copy_mib << 20)
     print(f"# {env['device']} | torch {env['torch']} | {args.dtype} | {env['date']}")
@@ -446,12 +469,13 @@ def main(argv=None) -> None:
     print(f"# measured copy ({args.copy_mib} MiB, read+write): {copy:.1f} GB/s")
     print("# speedup = ms ref / ms ours; %mm, %copy: of the measured limits above; err: relative")
     print("# L2 error of ours vs the reference (0 = identical, nan = different routing/layout)")
+    print(
+        "# expert_ffn: one row per impl, ms ours = that impl, ms ref = the torch loop; reads ="
+        " moe_ep host reads per call; buf2x = best ms on a half-used buffer of twice the rows"
+        " / best ms; rows c/n = GEMM rows on that buffer per row needed (CPU)"
+    )
     if device.type == "cuda":
-        print(
-            f"# expert_ffn: ms ours = {EXPERT_GEMM}=per_expert, ms grouped = {EXPERT_GEMM}=grouped,"
-            " per/grp = ms ours / ms grouped (> 1: grouped faster); the layer runs with "
-            f"{EXPERT_GEMM}={env['expert_gemm']}"
-        )
+        print(f"# the other ops and the layer run with {EXPERT_GEMM}={env['expert_gemm']}")
     bench = Bench(args, device, dtype, mm, copy)
     print(common.format_table([], COLUMNS, WIDTHS), flush=True)
     for H in args.hidden:
@@ -507,37 +531,45 @@ def main(argv=None) -> None:
 
 
 def summarize(rows: list[dict]) -> list[str]:
-    """One line per op: the range of speedups and the best fraction of the limit, plus the
-    issue's targets (>= 75% of matmul for expert_ffn at >= 4096 rows per expert, >= 80% of
-    copy for permute/unpermute, >= 2x over moe_layer_torch for the layer)."""
+    """One line per op (per implementation for the expert FFN): the range of speedups and the
+    best fraction of the limit, plus the issue's targets (>= 75% of matmul for expert_ffn at
+    >= 4096 rows per expert, >= 80% of copy for permute/unpermute, >= 2x over
+    moe_layer_torch for the layer)."""
     lines = []
     for op in ["route", "permute", "expert_ffn", "ffn_local", "unpermute", "layer"]:
-        for ref in sorted({r["ref"] for r in rows if r["op"] == op}):
-            sel = [r for r in rows if r["op"] == op and r["ref"] == ref]
+        for impl, ref in sorted({(r.get("impl", ""), r["ref"]) for r in rows if r["op"] == op}):
+            sel = [r for r in rows if r["op"] == op and r.get("impl", "") == impl]
             sp = [r["speedup"] for r in sel]
             limit = f"best %copy {max(r['%copy'] for r in sel):.0f}"
             if sel[0]["flops"]:
                 limit = f"best %mm {max(r['%mm'] for r in sel):.0f}, " + limit
             lines.append(
-                f"{op:>10} vs {ref:<20} speedup {min(sp):.2f}x .. {max(sp):.2f}x "
+                f"{op:>10} {impl:<14} vs {ref:<20} speedup {min(sp):.2f}x .. {max(sp):.2f}x "
                 f"(median {sorted(sp)[len(sp) // 2]:.2f}x); {limit}"
             )
-    for op in ("expert_ffn", "ffn_local"):
-        sel = [r for r in rows if r["op"] == op and r["ref"] == "torch loop" and "per/grp" in r]
-        if sel:
-            ratios = sorted(r["per/grp"] for r in sel)
-            faster = sum(ratio > 1 for ratio in ratios)
+            if "reads" in sel[0] and "buf2x" not in sel[0]:
+                lines.append(f"{'':>10} host reads per layer {max(r['reads'] for r in sel)}")
+            elif "reads" in sel[0]:
+                buf = sorted(r["buf2x"] for r in sel)
+                cn = [r["rows c/n"] for r in sel if r.get("rows c/n") is not None]
+                lines.append(
+                    f"{'':>10} {impl:<14} host reads per call {max(r['reads'] for r in sel)}; "
+                    f"buf2x {buf[0]:.2f} .. {buf[-1]:.2f}"
+                    + (f"; rows computed / needed {min(cn):.2f} .. {max(cn):.2f}" if cn else "")
+                )
+    for impl in sorted({r.get("impl", "") for r in rows if r["op"] in ("expert_ffn", "ffn_local")}):
+        big = [
+            r
+            for r in rows
+            if r["op"] in ("expert_ffn", "ffn_local")
+            and r.get("impl", "") == impl
+            and r["rows/exp"] >= 4096
+        ]
+        if big:
             lines.append(
-                f"{op:>10} per_expert ms / grouped ms: {ratios[0]:.2f}x .. {ratios[-1]:.2f}x "
-                f"(median {ratios[len(ratios) // 2]:.2f}x); grouped faster in {faster} of "
-                f"{len(ratios)} configs"
+                f"target expert_ffn >= 75% of matmul at >= 4096 rows/expert, {impl}: "
+                f"{min(r['%mm'] for r in big):.0f}% .. {max(r['%mm'] for r in big):.0f}%"
             )
-    big = [r for r in rows if r["op"] in ("expert_ffn", "ffn_local") and r["rows/exp"] >= 4096]
-    if big:
-        lines.append(
-            f"target expert_ffn >= 75% of matmul at >= 4096 rows/expert: "
-            f"{min(r['%mm'] for r in big):.0f}% .. {max(r['%mm'] for r in big):.0f}%"
-        )
     for op in ("permute", "unpermute"):
         sel = [r for r in rows if r["op"] == op]
         if sel:

@@ -77,26 +77,34 @@ def main() -> None:
     )
     torch.manual_seed(1 + rank)
     x = torch.randn(tokens, hidden, device=device).to(dtype)
-    ids, weights = layer.route(x)
+    slots, weights = layer.route_slots(x)
+
+    def dispatched():
+        return layer.finish_dispatch(layer.start_dispatches(x, slots, weights, 1)[0])
 
     def exchange_only():
-        received = layer.finish_dispatch(layer.start_dispatch(x, ids, weights), x, ids, weights)
-        rows = (
-            received.x_sorted
-            if isinstance(received, dispatcher.Dispatched)
-            else (received.x_by_expert[: received.rows_per_expert * layer.w13.shape[0]])
-        )
-        return layer.start_combine(rows, received).wait()
+        received = dispatched()
+        return layer.start_combine(received.x_sorted, received).wait()
 
-    received = layer.finish_dispatch(layer.start_dispatch(x, ids, weights), x, ids, weights)
+    received = dispatched()
     _, t_compute = common.time_collective(device, args.iters, layer.local_experts, received)
     _, t_comm = common.time_collective(device, args.iters, exchange_only)
+
+    def step(tokens):
+        # A serving loop checks fixed-capacity statuses once per step, not per layer: here
+        # the capacity holds every rank's tokens, and one check follows the timing.
+        out = layer(tokens)
+        statuses.extend(layer.dispatch_status)
+        layer.dispatch_status = []
+        return out
+
+    statuses = []
     layer.num_chunks = 1
-    reference, t_seq = common.time_collective(device, args.iters, layer, x)
+    reference, t_seq = common.time_collective(device, args.iters, step, x)
     rows = []
     for chunks in args.chunks:
         layer.num_chunks = chunks
-        out, t_over = common.time_collective(device, args.iters, layer, x)
+        out, t_over = common.time_collective(device, args.iters, step, x)
         err = (out.float() - reference.float()).abs().max().item()
         hideable = min(t_compute, t_comm)
         rows.append(
@@ -112,6 +120,7 @@ def main() -> None:
         )
         say(common.format_table(rows[-1:], list(rows[-1])))
     say("\n" + common.format_table(rows, list(rows[0])))
+    dispatcher.check_status(statuses, tokens)
 
     if args.profile:
         layer.num_chunks = max(args.chunks)
@@ -120,7 +129,7 @@ def main() -> None:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(3):
-                layer(x)
+                step(x)
             common.synchronize(device)
         if rank == 0:
             prof.export_chrome_trace(args.profile)

@@ -59,8 +59,9 @@ class LoadBalancer:
         max_moves: expert copies a re-plan may make beyond those a change of slot count
             forces (-1: no limit). The planner starts from the current placement and moves
             only slots whose move lowers the load, so fewer weights travel.
-        gpus_per_node: ranks per node (default: one node); the planner's node step only runs
-            on fresh plans, a re-plan keeps the ranks' places.
+        gpus_per_node: ranks per node (default: one node); with several nodes a re-plan
+            also swaps slots between nodes to lower the busiest node's load (within
+            max_moves), never raising the busiest rank's.
         bias_update_rate: DeepSeek-V3-style update of layer.expert_bias after each observed
             step: bias[e] -= rate * sign(load[e] - mean load), clamped to [-max_bias,
             max_bias]. It CHANGES WHICH EXPERTS ARE CHOSEN (not the weights of a choice),

@@ -61,22 +61,38 @@ def counting_host_reads() -> Iterator[_Reads]:
 
 
 def op_counts(fn: Callable[[], object]) -> collections.Counter[str]:
-    """The operators that fn() runs, by name: the ops it calls directly and those that
-    moe_ep's operators call (the direct children of a moe_ep:: event). Operators that an ATen
-    operator calls internally are not counted: on a GPU, an ATen operator is a kernel or a
-    few, and moe_ep's own ops are what this counts into."""
+    """The operators that do work in fn(), by name, from the torch profiler: the lowest
+    operator events that are not allocations, views or no-op conversions (which launch
+    nothing), so that on a GPU each is roughly one kernel or collective. moe_ep's own layout
+    kernels record themselves (moe_ep::<kernel>), on the CPU as on CUDA, so the count is the
+    same on both."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    counts: collections.Counter[str] = collections.Counter()
-    for event in prof.events():
-        parent = event.cpu_parent
-        while parent is not None and not _is_operator(parent.name):
-            parent = parent.cpu_parent
-        if not _is_operator(event.name):
+    events = [e for e in prof.events() if _is_operator(e.name)]
+    busy_parents = set()  # events with a working operator below them
+    for event in events:
+        if event.name.split("::")[1] in _NO_WORK:
             continue
-        if parent is None or parent.name.startswith("moe_ep::"):
-            counts[event.name] += 1
-    return counts
+        parent = event.cpu_parent
+        while parent is not None:
+            if _is_operator(parent.name):
+                busy_parents.add(id(parent))
+            parent = parent.cpu_parent
+    return collections.Counter(
+        e.name
+        for e in events
+        if id(e) not in busy_parents and e.name.split("::")[1] not in _NO_WORK
+    )
+
+
+# Operators that launch nothing: allocations, views, and (as leaves) no-op conversions.
+_NO_WORK = {
+    "empty", "empty_strided", "empty_like", "view", "_unsafe_view", "reshape", "select",
+    "narrow", "slice", "as_strided", "unsqueeze", "squeeze", "expand", "t", "transpose",
+    "permute", "alias", "detach", "lift_fresh", "resolve_conj", "resolve_neg", "split",
+    "tensor_split", "unbind", "chunk", "to", "contiguous", "item", "_local_scalar_dense",
+    "set_", "record_stream",
+}  # fmt: skip
 
 
 def _is_operator(name: str) -> bool:

@@ -13,14 +13,23 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-import moe_ep._C  # noqa: F401  (registers torch.ops.moe_ep)
-from moe_ep.placement import ExpertPlacement
+import moe_ep._C
+from moe_ep import debug
+from moe_ep.placement import ExpertPlacement, map_to_slots
 
 __all__ = [
+    # Re-exported: their home until moe_ep.placement took them (2026-11-30).
+    "ExpertPlacement",
+    "map_to_slots",
     "DispatchLayout",
     "Dispatched",
+    "CapacityDispatched",
+    "DispatchOverflow",
     "dispatch_layout",
     "dispatch",
+    "dispatch_chunks",
+    "dispatch_capacity",
+    "check_status",
     "combine",
 ]
 
@@ -54,7 +63,7 @@ class Dispatched:
     """The result of dispatch: rows for the local experts plus what combine needs."""
 
     x_sorted: torch.Tensor  # [V, H] received (row, local expert) entries, grouped by expert
-    expert_offsets: torch.Tensor  # int64 [L+1]
+    expert_offsets: torch.Tensor  # int64 [L+1], on x's device
     recv_row_of: torch.Tensor  # int32 [R, W]
     recv_weights: torch.Tensor  # float32 [R, W]
     recv_counts: torch.Tensor  # int64 [world] (CPU)
@@ -76,58 +85,50 @@ class DispatchOverflow(RuntimeError):
 @dataclass(frozen=True)
 class CapacityDispatched:
     """The result of a fixed-capacity dispatch. All shapes depend only on (T, k, world,
-    capacity), never on the routing, so the step can be captured in a CUDA graph."""
+    capacity), never on the routing, so the step can be captured in a CUDA graph; the
+    entries that arrived are grouped at the front of x_sorted, expert_offsets[L] of them,
+    and the experts compute only those."""
 
-    x_by_expert: torch.Tensor  # [L*M, H], M = world*capacity rows per local expert, 0-padded
-    expert_counts: torch.Tensor  # int64 [L]: real rows in each block
-    recv_row_of: torch.Tensor  # int32 [M, W]
-    recv_weights: torch.Tensor  # float32 [M, W]
+    x_sorted: torch.Tensor  # [world*capacity*W, H], valid up to expert_offsets[L]
+    expert_offsets: torch.Tensor  # int64 [L+1], on x's device
+    recv_row_of: torch.Tensor  # int32 [world*capacity, W]
+    recv_weights: torch.Tensor  # float32 [world*capacity, W]
     token_slot: torch.Tensor  # int32 [T, k]
-    status: torch.Tensor  # int32 [world, 4]: per source: overflow, hidden, experts, bad ids
+    status: torch.Tensor  # int32 [world, 4]: per source: overflow, config, misuse, map
     capacity: int
 
-    @property
-    def rows_per_expert(self) -> int:
-        return self.recv_row_of.shape[0]
-
-    def expert_offsets(self, num_experts: int) -> torch.Tensor:
-        """Host offsets of the first num_experts blocks (for expert_ffn, no device read)."""
-        return torch.arange(num_experts + 1, dtype=torch.int64) * self.rows_per_expert
-
-    def overflow(self) -> int:
-        """(token, rank) pairs that did not fit, summed over the group (a device read)."""
-        return int(self.status[:, 0].sum())
-
     def check(self) -> None:
-        """Raises DispatchOverflow (or a RuntimeError naming the argument, for ranks that
-        disagree) identically on every rank. On CUDA this reads the status from the device."""
-        check_status(self.status, self.capacity)
+        """Raises DispatchOverflow (or a RuntimeError naming the argument or the
+        disagreement) identically on every rank: one host read."""
+        check_status([self.status], self.capacity)
 
 
-def check_status(status: torch.Tensor, capacity: int) -> None:
-    """Checks a fixed-capacity dispatch's status ([world, 4]: per source rank its overflow,
-    hidden size, number of experts, misuse bits), the same on every rank."""
-    status = status.cpu().long()
-    for bit, what in (
-        (4, "argument 'expert_rank' (the expert map) with a rank outside the group"),
-        (8, "argument 'expert_local' (the expert map) with a local expert id out of range"),
-        (1, "argument 'topk_ids' with an expert id outside the expert map"),
-        (
-            2,
-            "argument 'topk_ids' where a token has more choices on one rank than "
-            "'num_local_experts' allows",
-        ),
-    ):
-        bad = (status[:, 3] & bit).nonzero().view(-1).tolist()
-        if bad:
-            raise RuntimeError(f"moe_ep: dispatch: rank(s) {bad} passed an {what}")
-    for column, what in ((1, "hidden size (argument 'x')"), (2, "number of experts")):
-        if status[:, column].unique().numel() > 1:
-            raise RuntimeError(
-                f"moe_ep: dispatch: ranks disagree on the {what}: {status[:, column].tolist()}"
-            )
-    if int(status[:, 0].sum()) > 0:
-        raise DispatchOverflow(int(status[:, 0].sum()), capacity)
+# The fixed-capacity status columns (core::StatusField).
+_OVERFLOW, _CONFIG, _ERRORS, _MAP = range(4)
+
+
+def check_status(statuses: list[torch.Tensor], capacity: int) -> None:
+    """Checks the statuses ([world, 4] each) of fixed-capacity dispatches, with one host read
+    for all of them; raises the same error on every rank (each rank holds every source's
+    status): misuse first, then a configuration or expert map that differs between ranks,
+    then the pairs left out (DispatchOverflow)."""
+    if not statuses:
+        return
+    values = debug.to_host(torch.stack(statuses)).long()
+    for status in values:
+        for rank, errors in enumerate(status[:, _ERRORS].tolist()):
+            if errors:
+                what = moe_ep._C.describe_dispatch_errors(errors)
+                raise RuntimeError(f"moe_ep: dispatch: rank {rank}'s arguments are wrong: {what}")
+        for column, what in (
+            (_CONFIG, "dispatch configuration (a rank changed it after the handshake)"),
+            (_MAP, "expert map (arguments 'expert_rank' and 'expert_local', the placement)"),
+        ):
+            if status[:, column].unique().numel() > 1:
+                raise RuntimeError(f"moe_ep: dispatch: ranks disagree on the {what}")
+    pairs = int(values[:, :, _OVERFLOW].sum())
+    if pairs > 0:
+        raise DispatchOverflow(pairs, capacity)
 
 
 def _group_name(group: dist.ProcessGroup | str | None) -> str:
@@ -170,6 +171,39 @@ class PendingCombine:
         return torch.ops.moe_ep.combine_finish(self.returned, self.token_slot)
 
 
+def dispatch_chunks(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    placement: ExpertPlacement,
+    num_chunks: int,
+    group: dist.ProcessGroup | str | None = None,
+) -> list[PendingDispatch]:
+    """Exact-size dispatch of x split into num_chunks chunks (tensor_split) with one header
+    exchange and one host read for all of them; every chunk's rows are in flight when this
+    returns. wait() each in order."""
+    flat = torch.ops.moe_ep.dispatch_start(
+        x,
+        topk_ids,
+        topk_weights,
+        placement.expert_rank,
+        placement.expert_local,
+        placement.num_local_experts,
+        num_chunks,
+        _group_name(group),
+    )
+    local = placement.num_local_experts
+
+    def pending(x_recv, meta_recv, recv_counts, send_counts, token_slot, entries):
+        def finish() -> Dispatched:
+            grouped = torch.ops.moe_ep.dispatch_finish(x_recv, meta_recv, entries, local)
+            return Dispatched(*grouped, recv_counts, send_counts, token_slot)
+
+        return PendingDispatch(finish)
+
+    return [pending(*flat[6 * c : 6 * c + 6]) for c in range(num_chunks)]
+
+
 def dispatch(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -178,38 +212,31 @@ def dispatch(
     group: dist.ProcessGroup | str | None = None,
     async_op: bool = False,
 ) -> Dispatched | PendingDispatch:
-    """Exact-size dispatch: counts first, then the rows and their routing metadata.
+    """Exact-size dispatch: one header exchange (the counts, and every rank's check of every
+    other's arguments), then the rows and their routing metadata.
 
     Args:
         x: [T, H] tokens of this rank (T may be 0).
-        topk_ids: int32/int64 [T, k] global expert ids from route.
+        topk_ids: int32/int64 [T, k] expert (slot) ids, see map_to_slots.
         topk_weights: [T, k] routing weights.
         placement: the expert map (tensors on x's device), identical on every rank.
         group: the process group (or its name); default: the world.
-        async_op: return a PendingDispatch once the counts are exchanged and the rows are
+        async_op: return a PendingDispatch once the header is exchanged and the rows are
             on their way, instead of waiting for them.
     """
-    args = (
-        x,
-        topk_ids,
-        topk_weights,
-        placement.expert_rank,
-        placement.expert_local,
-        placement.num_local_experts,
-        _group_name(group),
-    )
     if async_op:
-        x_recv, meta_recv, recv_counts, send_counts, token_slot, entries = (
-            torch.ops.moe_ep.dispatch_start(*args)
+        return dispatch_chunks(x, topk_ids, topk_weights, placement, 1, group)[0]
+    return Dispatched(
+        *torch.ops.moe_ep.dispatch(
+            x,
+            topk_ids,
+            topk_weights,
+            placement.expert_rank,
+            placement.expert_local,
+            placement.num_local_experts,
+            _group_name(group),
         )
-        local = placement.num_local_experts
-
-        def finish() -> Dispatched:
-            grouped = torch.ops.moe_ep.dispatch_finish(x_recv, meta_recv, entries, local)
-            return Dispatched(*grouped, recv_counts, send_counts, token_slot)
-
-        return PendingDispatch(finish)
-    return Dispatched(*torch.ops.moe_ep.dispatch(*args))
+    )
 
 
 def dispatch_capacity(
@@ -221,11 +248,13 @@ def dispatch_capacity(
     group: dist.ProcessGroup | str | None = None,
     async_op: bool = False,
 ) -> CapacityDispatched | PendingDispatch:
-    """Fixed-capacity dispatch: `capacity` rows to every rank, no count on the host.
+    """Fixed-capacity dispatch: `capacity` rows to every rank, nothing read on the host.
 
     A token goes at most once to each rank, so capacity >= the largest T of any rank means
-    no overflow. Call check() (or overflow()) before trusting the result: pairs over the
-    capacity are reported, never dropped silently. async_op as for dispatch.
+    no overflow. Call check() (or check_status for several) before trusting the result:
+    pairs over the capacity are reported, never dropped silently. The first call of a
+    configuration on a group agrees on it with every rank (a handshake, one host read);
+    later calls exchange nothing more. async_op as for dispatch.
     """
     args = (
         x,
@@ -238,11 +267,13 @@ def dispatch_capacity(
         _group_name(group),
     )
     if async_op:
-        x_recv, meta_recv, token_slot, status = torch.ops.moe_ep.dispatch_capacity_start(*args)
+        x_recv, meta_recv, token_slot = torch.ops.moe_ep.dispatch_capacity_start(*args)
         local = placement.num_local_experts
 
         def finish() -> CapacityDispatched:
-            grouped = torch.ops.moe_ep.dispatch_capacity_finish(x_recv, meta_recv, local)
+            *grouped, status = torch.ops.moe_ep.dispatch_capacity_finish(
+                x_recv, meta_recv, local, capacity
+            )
             return CapacityDispatched(*grouped, token_slot, status, capacity=capacity)
 
         return PendingDispatch(finish)
@@ -257,7 +288,7 @@ def combine(
 ) -> torch.Tensor | PendingCombine:
     """Weighted sum of each token's expert outputs, back on its rank in its order: [T, H].
 
-    y holds the expert outputs in the row order dispatch produced (x_sorted or x_by_expert).
+    y holds the expert outputs in the row order dispatch produced (x_sorted's).
     async_op: return a PendingCombine while the rows travel back.
     """
     if isinstance(dispatched, CapacityDispatched):
@@ -340,38 +371,45 @@ def _dispatch_fake(
     )
 
 
+def _capacity_shapes(group_name, capacity, topk_ids, num_local_experts):
+    world = dist.distributed_c10d._resolve_process_group(group_name).size()
+    return world * capacity, min(topk_ids.shape[1], num_local_experts)
+
+
 @torch.library.register_fake("moe_ep::dispatch_capacity")
 def _dispatch_capacity_fake(
     x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts, capacity, group_name
 ):
-    world = dist.distributed_c10d._resolve_process_group(group_name).size()
-    rows = world * capacity
-    width = min(topk_ids.shape[1], num_local_experts)
+    rows, width = _capacity_shapes(group_name, capacity, topk_ids, num_local_experts)
     return (
-        x.new_empty((num_local_experts * rows, x.shape[1])),
-        x.new_empty((num_local_experts,), dtype=torch.int64),
+        x.new_empty((rows * width, x.shape[1])),
+        x.new_empty((num_local_experts + 1,), dtype=torch.int64),
         x.new_empty((rows, width), dtype=torch.int32),
         x.new_empty((rows, width), dtype=torch.float32),
         x.new_empty(tuple(topk_ids.shape), dtype=torch.int32),
-        x.new_empty((world, 4), dtype=torch.int32),
+        x.new_empty((rows // capacity, 4), dtype=torch.int32),
     )
 
 
 @torch.library.register_fake("moe_ep::dispatch_start")
 def _dispatch_start_fake(
-    x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts, group_name
+    x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts, num_chunks, group_name
 ):
     ctx = torch.library.get_ctx()
-    rows, world = ctx.new_dynamic_size(), ctx.new_dynamic_size()
     width = min(topk_ids.shape[1], num_local_experts)
-    return (
-        x.new_empty((rows, x.shape[1])),
-        x.new_empty((rows, 2 * width), dtype=torch.int32),
-        torch.empty((world,), dtype=torch.int64),
-        torch.empty((world,), dtype=torch.int64),
-        x.new_empty(tuple(topk_ids.shape), dtype=torch.int32),
-        torch.empty((1,), dtype=torch.int64),
-    )
+    world = dist.distributed_c10d._resolve_process_group(group_name).size()
+    out = []
+    for ids in topk_ids.tensor_split(num_chunks):
+        rows = ctx.new_dynamic_size()
+        out += [
+            x.new_empty((rows, x.shape[1])),
+            x.new_empty((rows, 2 * width), dtype=torch.int32),
+            torch.empty((world,), dtype=torch.int64),
+            torch.empty((world,), dtype=torch.int64),
+            x.new_empty(tuple(ids.shape), dtype=torch.int32),
+            torch.empty((1,), dtype=torch.int64),
+        ]
+    return out
 
 
 @torch.library.register_fake("moe_ep::dispatch_finish")
@@ -390,26 +428,24 @@ def _dispatch_finish_fake(x_recv, meta_recv, recv_entries, num_local_experts):
 def _dispatch_capacity_start_fake(
     x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts, capacity, group_name
 ):
-    world = dist.distributed_c10d._resolve_process_group(group_name).size()
-    width = min(topk_ids.shape[1], num_local_experts)
-    rows = world * capacity
+    rows, width = _capacity_shapes(group_name, capacity, topk_ids, num_local_experts)
     return (
         x.new_empty((rows, x.shape[1])),
         x.new_empty((rows, 2 * width + 4), dtype=torch.int32),
         x.new_empty(tuple(topk_ids.shape), dtype=torch.int32),
-        x.new_empty((world, 4), dtype=torch.int32),
     )
 
 
 @torch.library.register_fake("moe_ep::dispatch_capacity_finish")
-def _dispatch_capacity_finish_fake(x_recv, meta_recv, num_local_experts):
+def _dispatch_capacity_finish_fake(x_recv, meta_recv, num_local_experts, capacity):
     rows = x_recv.shape[0]
     width = (meta_recv.shape[1] - 4) // 2
     return (
-        x_recv.new_empty((num_local_experts * rows, x_recv.shape[1])),
-        x_recv.new_empty((num_local_experts,), dtype=torch.int64),
+        x_recv.new_empty((rows * width, x_recv.shape[1])),
+        x_recv.new_empty((num_local_experts + 1,), dtype=torch.int64),
         x_recv.new_empty((rows, width), dtype=torch.int32),
         x_recv.new_empty((rows, width), dtype=torch.float32),
+        x_recv.new_empty((rows // capacity, 4), dtype=torch.int32),
     )
 
 

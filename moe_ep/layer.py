@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_ep import dispatcher, ops, pipeline
+from moe_ep.pipeline import OverlapFn
 from moe_ep.placement import ExpertPlacement, map_to_slots
 
 
@@ -34,18 +34,22 @@ class MoELayer(nn.Module):
             This rank holds only its local slots' weights (w13, w2); the router weight and
             bias are replicated. Load them with load_full_weights; moe_ep.LoadBalancer
             changes the placement at run time (set_placement).
-        dispatch_mode: "exact" (counts exchanged first, exact-size all-to-all: throughput) or
-            "capacity" (fixed buffers of `capacity` rows per rank, no device-to-host count:
-            latency, decode, CUDA graphs).
+        dispatch_mode: "exact" (the counts travel in a header first, exact-size all-to-all,
+            one host read per layer whatever the chunk count: throughput, prefill) or
+            "capacity" (fixed buffers of `capacity` rows per rank, nothing read on the host:
+            latency, decode, CUDA graphs; the experts compute only the rows that arrived).
         capacity: rows each rank sends to each rank in "capacity" mode; the largest token
-            count of any rank guarantees no overflow.
-        on_overflow: in "capacity" mode, what to do when some (token, rank) pairs did not fit:
-            "fallback" reruns the step with the exact-size dispatch, "raise" raises
-            DispatchOverflow; either way all ranks take the same decision, after one
-            device-to-host read of the status per chunk. "report" reads nothing (a forward that
-            can be captured in a CUDA graph): pairs over capacity are left out of the output
-            and the step's status tensors stay in dispatch_status, for
-            check_dispatch_status() after the step (or the graph replay).
+            count of any rank guarantees no overflow. With num_chunks chunks each chunk gets
+            ceil(capacity / num_chunks) rows, so chunking does not multiply the buffers.
+        on_overflow: in "capacity" mode, what to do with the step's status (pairs over
+            capacity, misuse, ranks that disagree), the same on every rank:
+            "report" (default) reads nothing during the step: the statuses stay in
+            dispatch_status, for check_dispatch_status() (or moe_ep.layer.check_dispatch_status
+            for a whole model, one read) after the step or a CUDA graph replay; a status left
+            unchecked is checked at the start of the layer's next forward, so an error is
+            never lost. "raise" checks at the end of the forward (one host read) and raises
+            DispatchOverflow on every rank; "fallback" checks there too and reruns the step
+            with the exact-size dispatch on overflow.
         num_chunks: micro-batches of the expert-parallel pipeline (1 = no overlap): the
             dispatch of one chunk and the combine of another travel while a third computes.
             Every rank must use the same value. Default: 1 for CPU tensors (measured with
@@ -77,7 +81,7 @@ class MoELayer(nn.Module):
         placement: ExpertPlacement | None = None,
         dispatch_mode: str = "exact",
         capacity: int | None = None,
-        on_overflow: str = "fallback",
+        on_overflow: str = "report",
         num_chunks: int | None = None,
     ) -> None:
         super().__init__()
@@ -94,7 +98,7 @@ class MoELayer(nn.Module):
         if num_chunks < 1:
             raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
         self.dispatch_mode, self.capacity, self.on_overflow = dispatch_mode, capacity, on_overflow
-        self.dispatch_status: list[torch.Tensor] = []  # on_overflow="report": the last step's
+        self.dispatch_status: list[torch.Tensor] = []  # capacity mode: statuses not yet checked
         self.num_chunks = num_chunks
         self.group = group
         if group is not None:
@@ -204,111 +208,151 @@ class MoELayer(nn.Module):
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
         """The routed experts for given routing, without chunking: on one rank permute,
-        grouped FFN and weighted combine; over a group dispatch, local FFN and combine."""
+        grouped FFN and weighted combine (nothing read on the host); over a group dispatch,
+        local FFN and combine."""
         if self.group is None:
-            permuted, offsets, row_of = ops.permute(x, topk_ids, self.num_experts)
-            y = ops.expert_ffn(permuted, offsets, self.w13, self.w2, self.activation)
-            return ops.unpermute(y, row_of, topk_weights)
-        self.dispatch_status = []
-        pending = self.start_dispatch(x, topk_ids, topk_weights)
-        received = self.finish_dispatch(pending, x, topk_ids, topk_weights)
-        return self.start_combine(self.local_experts(received), received).wait()
-
-    # The expert-parallel step in phases, so that moe_ep.pipeline can interleave chunks.
-
-    def start_dispatch(
-        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-    ) -> dispatcher.PendingDispatch:
-        slots = self.slot_ids(topk_ids)
-        if self.dispatch_mode == "capacity":
-            return dispatcher.dispatch_capacity(
-                x, slots, topk_weights, self.placement, self.capacity, self.group, True
+            permuted, offsets, row_of = ops.permute(x, topk_ids, self.num_experts, check_ids=False)
+            y = ops.expert_ffn(
+                permuted, offsets, self.w13, self.w2, self.activation, check_offsets=False
             )
-        return dispatcher.dispatch(x, slots, topk_weights, self.placement, self.group, True)
+            return ops.unpermute(y, row_of, topk_weights, check_rows=False)
+        return self._expert_parallel(x, self.slot_ids(topk_ids), topk_weights, 1, None)
+
+    # The expert-parallel step in phases (moe_ep.pipeline.ExpertParallelPhases), so that the
+    # pipeline can interleave chunks and layers.
+
+    def route_slots(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        topk_ids, topk_weights = self.route(x)
+        return self.slot_ids(topk_ids), topk_weights
+
+    def start_dispatches(
+        self,
+        x: torch.Tensor,
+        slots: torch.Tensor,
+        topk_weights: torch.Tensor,
+        num_chunks: int,
+        mode: str | None = None,
+    ) -> list[dispatcher.PendingDispatch]:
+        """Every chunk's dispatch, in flight: exact mode with one header for all chunks,
+        capacity mode with ceil(capacity / num_chunks) rows per chunk and rank."""
+        if (mode or self.dispatch_mode) == "exact":
+            return dispatcher.dispatch_chunks(
+                x, slots, topk_weights, self.placement, num_chunks, self.group
+            )
+        capacity = -(-self.capacity // num_chunks)
+        return [
+            dispatcher.dispatch_capacity(
+                xc, sc, wc, self.placement, capacity, self.group, async_op=True
+            )
+            for xc, sc, wc in zip(
+                x.tensor_split(num_chunks),
+                slots.tensor_split(num_chunks),
+                topk_weights.tensor_split(num_chunks),
+                strict=True,
+            )
+        ]
 
     def finish_dispatch(
-        self,
-        pending: dispatcher.PendingDispatch,
-        x: torch.Tensor,
-        topk_ids: torch.Tensor,
-        topk_weights: torch.Tensor,
+        self, pending: dispatcher.PendingDispatch
     ) -> dispatcher.Dispatched | dispatcher.CapacityDispatched:
-        """Waits for the rows; in capacity mode checks the status (identical on every rank)
-        and on overflow reruns the step with the exact-size dispatch or raises."""
+        """Waits for the rows; keeps a fixed-capacity status for the check."""
         received = pending.wait()
         if isinstance(received, dispatcher.CapacityDispatched):
-            if self.on_overflow == "report":
-                self.dispatch_status.append(received.status)
-                return received
-            try:
-                received.check()
-            except dispatcher.DispatchOverflow:
-                if self.on_overflow == "raise":
-                    raise
-                slots = self.slot_ids(topk_ids)
-                return dispatcher.dispatch(x, slots, topk_weights, self.placement, self.group)
+            self.dispatch_status.append(received.status)
         return received
-
-    def check_dispatch_status(self) -> None:
-        """With on_overflow="report": raises DispatchOverflow (or the mismatch error) if a
-        chunk of the last step overflowed; the same on every rank. Reads the device."""
-        for status in self.dispatch_status:
-            dispatcher.check_status(status, self.capacity)
 
     def local_experts(
         self, received: dispatcher.Dispatched | dispatcher.CapacityDispatched
     ) -> torch.Tensor:
-        """This rank's experts on the rows it received, in the order dispatch produced."""
-        local = self.w13.shape[0]
-        if isinstance(received, dispatcher.CapacityDispatched):
-            rows = received.x_by_expert[: received.rows_per_expert * local]
-            offsets = received.expert_offsets(local)
-        else:
-            # Ranks with fewer experts than the widest one ignore the empty trailing groups.
-            rows, offsets = received.x_sorted, received.expert_offsets[: local + 1]
-        return ops.expert_ffn(rows, offsets, self.w13, self.w2, self.activation)
+        """This rank's experts on the rows it received, in the order dispatch produced; only
+        the rows that arrived are computed (a rank with fewer experts than the widest one
+        ignores the empty trailing groups)."""
+        offsets = received.expert_offsets[: self.w13.shape[0] + 1]
+        return ops.expert_ffn(
+            received.x_sorted, offsets, self.w13, self.w2, self.activation, check_offsets=False
+        )
 
     def start_combine(
         self, y: torch.Tensor, received: dispatcher.Dispatched | dispatcher.CapacityDispatched
     ) -> dispatcher.PendingCombine:
         return dispatcher.combine(y, received, self.group, async_op=True)
 
-    def forward(
+    def check_dispatch_status(self) -> None:
+        """Checks the fixed-capacity statuses not yet checked (one host read): raises
+        DispatchOverflow, or the misuse or disagreement, the same on every rank."""
+        statuses, self.dispatch_status = self.dispatch_status, []
+        dispatcher.check_status(statuses, self.capacity)
+
+    def _expert_parallel(
         self,
         x: torch.Tensor,
-        overlap_fn: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+        slots: torch.Tensor,
+        topk_weights: torch.Tensor,
+        num_chunks: int,
+        overlap_fn: OverlapFn | None,
     ) -> torch.Tensor:
-        """[..., H] -> [..., H]. Under expert parallelism the tokens go through num_chunks
-        overlapped chunks: the moe_forward op (exact-size dispatch), or the Python pipeline
-        (moe_ep.pipeline.moe_forward) for fixed-capacity dispatch or an overlap_fn.
-        overlap_fn(chunk, x) runs while that chunk's results travel back, and what it returns
-        is added to the chunk's output (a shared expert, say)."""
-        tokens = x.reshape(-1, self.hidden)
-        if self.group is None:
-            topk_ids, topk_weights = self.route(tokens)
-            out = self.experts(tokens, topk_ids, topk_weights)
-            if overlap_fn is not None:
-                extra = overlap_fn(0, tokens)
-                out = out if extra is None else out + extra
-            return out.view(x.shape)
-        if overlap_fn is None and self.dispatch_mode == "exact":
-            topk_ids, topk_weights = self.route(tokens)
-            out = dispatcher.moe_forward(
-                tokens,
-                self.slot_ids(topk_ids),
+        if self.dispatch_mode == "capacity" and self.dispatch_status:
+            if not _capturing(x):  # a status left unchecked by the caller: never lost
+                self.check_dispatch_status()
+        if self.dispatch_mode == "exact" and overlap_fn is None:
+            return dispatcher.moe_forward(
+                x,
+                slots,
                 topk_weights,
                 self.placement,
                 self.w13,
                 self.w2,
                 self.activation,
-                self.num_chunks,
+                num_chunks,
                 self.group,
             )
+        routed, extra = pipeline.run_layer(self, x, slots, topk_weights, num_chunks, overlap_fn)
+        if self.dispatch_mode == "capacity" and self.on_overflow != "report":
+            try:
+                self.check_dispatch_status()
+            except dispatcher.DispatchOverflow:
+                if self.on_overflow == "raise":
+                    raise
+                routed, _ = pipeline.run_layer(self, x, slots, topk_weights, 1, None, "exact")
+        return routed if extra is None else routed + extra
+
+    def forward(self, x: torch.Tensor, overlap_fn: OverlapFn | None = None) -> torch.Tensor:
+        """[..., H] -> [..., H]. Under expert parallelism the tokens go through num_chunks
+        overlapped chunks: the moe_forward op (exact-size dispatch), or the Python pipeline
+        (moe_ep.pipeline.run_layer) for fixed-capacity dispatch or an overlap_fn.
+        overlap_fn(chunk, x) runs while that chunk's results travel back, and what it returns
+        is added to the chunk's output (a shared expert, say)."""
+        tokens = x.reshape(-1, self.hidden)
+        topk_ids, topk_weights = self.route(tokens)
+        if self.group is None:
+            out = self.experts(tokens, topk_ids, topk_weights)
+            if overlap_fn is not None:
+                extra = overlap_fn(0, tokens)
+                out = out if extra is None else out + extra
             return out.view(x.shape)
-        return pipeline.moe_forward(self, tokens, self.num_chunks, overlap_fn).view(x.shape)
+        out = self._expert_parallel(
+            tokens, self.slot_ids(topk_ids), topk_weights, self.num_chunks, overlap_fn
+        )
+        return out.view(x.shape)
 
     def extra_repr(self) -> str:
         return (
             f"hidden={self.hidden}, ffn_hidden={self.ffn_hidden}, num_experts={self.num_experts}, "
             f"top_k={self.top_k}, score_func={self.score_func}, activation={self.activation}"
         )
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def check_dispatch_status(module: nn.Module) -> None:
+    """Checks every MoELayer of a model for fixed-capacity statuses not yet checked, with one
+    host read for all of them (after a step, or a CUDA graph replay); raises the same error on
+    every rank."""
+    layers = [m for m in module.modules() if isinstance(m, MoELayer) and m.dispatch_status]
+    statuses = [status for layer in layers for status in layer.dispatch_status]
+    for layer in layers:
+        layer.dispatch_status = []
+    if layers:
+        dispatcher.check_status(statuses, layers[0].capacity)

@@ -50,7 +50,7 @@ def route(
 
 
 def permute(
-    hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
+    hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, check_ids: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Groups each token's k copies by expert (stable: token order within an expert).
 
@@ -58,6 +58,9 @@ def permute(
         hidden: [T, H] hidden states.
         topk_ids: int32 or int64 [T, k], each in [0, num_experts).
         num_experts: E.
+        check_ids: raise for ids outside [0, E) (one device-to-host read on CUDA); False
+            for ids from route, which are in range (an id outside is then left out: its
+            row_of is -1 and the rows of permuted are fewer than T*k).
 
     Returns:
         permuted: [T*k, H], rows of expert e at expert_offsets[e]:expert_offsets[e+1].
@@ -65,7 +68,7 @@ def permute(
         row_of: int32 [T, k], the row of permuted that holds copy (t, j): the index that
             unpermute needs to undo the permutation.
     """
-    return torch.ops.moe_ep.permute(hidden, topk_ids, num_experts)
+    return torch.ops.moe_ep.permute(hidden, topk_ids, num_experts, check_ids)
 
 
 def expert_ffn(
@@ -74,24 +77,36 @@ def expert_ffn(
     w13: torch.Tensor,
     w2: torch.Tensor,
     activation: str = "silu",
+    check_offsets: bool = True,
 ) -> torch.Tensor:
     """Gated expert FFN over rows grouped by expert (a grouped GEMM, fp32 accumulation).
 
     For the rows r of expert e: y[r] = (act(x[r] @ w1[e].T) * (x[r] @ w3[e].T)) @ w2[e].T,
     where w13[e] = cat(w1[e], w3[e]); the gate/up product is rounded to x's dtype before
-    the activation, as on the GPU.
+    the activation, as on the GPU. Only the rows below expert_offsets[E] are computed: a
+    fixed-size buffer may carry unused trailing rows, and y's rows there are unspecified
+    (not zero-filled).
+
+    On CUDA the offsets may stay on the device: with MOE_EP_EXPERT_GEMM=grouped_mm (or the
+    default, auto, where torch's grouped GEMM has its fast path: bf16 on compute capability
+    9.x/10.x) nothing is read on the host and the call captures in a CUDA graph. See
+    docs/expert_ffn.md for the variants and their host reads.
 
     Args:
         x: [N, H] rows grouped by expert.
-        expert_offsets: int64 [E+1] (CPU or x's device), 0 first and N last.
+        expert_offsets: int64 [E+1] on the CPU or x's device: 0 first, non-decreasing,
+            at most N last.
         w13: [E, 2F, H] gate and up projections, x's dtype.
         w2: [E, H, F] down projections, x's dtype.
         activation: "silu" (SwiGLU) or "gelu" (GeGLU, exact erf GELU).
+        check_offsets: validate offsets that live on a GPU (one device-to-host read); pass
+            False only for offsets moe_ep produced itself. CPU offsets are always validated
+            (free).
 
     Returns:
-        [N, H] in x's dtype.
+        [N, H] in x's dtype; rows from expert_offsets[E] on are unspecified.
     """
-    return torch.ops.moe_ep.expert_ffn(x, expert_offsets, w13, w2, activation)
+    return torch.ops.moe_ep.expert_ffn(x, expert_offsets, w13, w2, activation, check_offsets)
 
 
 def unpermute(
@@ -133,7 +148,7 @@ def _route_fake(
 
 
 @torch.library.register_fake("moe_ep::permute")
-def _permute_fake(hidden, topk_ids, num_experts):
+def _permute_fake(hidden, topk_ids, num_experts, check_ids=True):
     rows = topk_ids.shape[0] * topk_ids.shape[1]
     return (
         hidden.new_empty((rows, hidden.shape[1])),
@@ -143,7 +158,7 @@ def _permute_fake(hidden, topk_ids, num_experts):
 
 
 @torch.library.register_fake("moe_ep::expert_ffn")
-def _expert_ffn_fake(x, expert_offsets, w13, w2, activation="silu"):
+def _expert_ffn_fake(x, expert_offsets, w13, w2, activation="silu", check_offsets=True):
     return x.new_empty(x.shape)
 
 

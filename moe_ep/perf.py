@@ -1,10 +1,12 @@
-"""Cost model of MoE inference deployments: presets, calibration, validation and the CLI.
+"""Cost model of MoE inference deployments: presets, placement input, sweeps and the CLI.
 
-The arithmetic lives in C++ (csrc/core/perf.cpp, docs/perf_model.md); this module only
-describes models, hardware and strategies, and prints or plots what the core predicts.
+The arithmetic lives in C++ (csrc/core/perf*.cpp, docs/perf_model.md); the constants come from
+cited measurements (moe_ep/perf_calibration.py, moe_ep/data/perf_calibration.json) and the
+model is checked against published figures it was not fitted to (moe_ep/perf_validation.py).
 
     python -m moe_ep.perf --model seeds --strategy ep16tp8 --phase decode --batch 64
     python -m moe_ep.perf --compare tp8pp2,ep16tp8
+    python -m moe_ep.perf --strategy ep64 --placement plan.json      # a plan from moe_ep.plan
     python -m moe_ep.perf --sweep --plot scaling.png --json scaling.json
     python -m moe_ep.perf --validate
 """
@@ -15,62 +17,16 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass
 
 from moe_ep import _C
+from moe_ep import perf_calibration as calibration
 from moe_ep.plan import Placement
 
-MEASUREMENTS_PATH = os.path.join(os.path.dirname(__file__), "perf_measurements.json")
-
-
-@dataclass(frozen=True)
-class Constant:
-    value: float
-    unit: str
-    source: str
-
-
-# Every hardware constant the presets use, with its unit and where it comes from.
-CONSTANTS = {
-    "seeds_h100_peak_flops": Constant(
-        400e12, "FLOP/s", "seeds: 'single-card 400TFlops' (H100, BF16 dense)"
-    ),
-    "seeds_mfu": Constant(0.6, "fraction", "seeds: '60% MFU'"),
-    "seeds_h100_memory_bandwidth": Constant(1.8e12, "B/s", "seeds: 'VRAM 1.8TBps'"),
-    "seeds_memory_efficiency": Constant(0.8, "fraction", "seeds: '80% utilization'"),
-    "seeds_h100_memory": Constant(64e9, "B", "seeds: 'VRAM 64GB capacity'"),
-    "datasheet_h100_peak_flops": Constant(
-        989e12, "FLOP/s", "NVIDIA H100 SXM datasheet: BF16 dense tensor core"
-    ),
-    "datasheet_h100_memory_bandwidth": Constant(3.35e12, "B/s", "NVIDIA H100 SXM datasheet"),
-    "datasheet_h100_memory": Constant(80e9, "B", "NVIDIA H100/H800 SXM datasheet"),
-    "fp8_speedup": Constant(
-        2.0, "ratio", "NVIDIA H100 SXM datasheet: FP8 1979 vs BF16 989 TFLOP/s dense"
-    ),
-    "h100_nvlink_bandwidth": Constant(
-        450e9, "B/s per direction", "NVIDIA H100 SXM datasheet: NVLink 900 GB/s bidirectional"
-    ),
-    "h800_nvlink_bandwidth": Constant(
-        200e9, "B/s per direction", "NVIDIA H800 SXM: NVLink 400 GB/s bidirectional"
-    ),
-    "nvlink_latency": Constant(3e-6, "s", "assumption: order of a GPU-initiated NVLink write"),
-    "ndr_nic_bandwidth": Constant(
-        50e9, "B/s per direction", "ConnectX-7 / InfiniBand NDR 400 Gb/s per GPU"
-    ),
-    "ndr_latency": Constant(
-        5e-6, "s", "assumption: RDMA write + GPU-initiated signalling across one switch tier"
-    ),
-    "link_efficiency": Constant(
-        0.8, "fraction", "seeds' 80% utilization, applied to every link (not fitted)"
-    ),
-}
-
-
-def _c(name: str) -> float:
-    return CONSTANTS[name].value
+CALIBRATION = calibration.load_calibration()
+CONSTANTS = calibration.derive_constants(CALIBRATION)
 
 
 @dataclass
@@ -89,6 +45,8 @@ class Model:
     expert_ffn_hidden: int = 2048
     num_experts: int = 64
     top_k: int = 2
+    num_expert_groups: int = 1
+    topk_groups: int = 1
     num_shared_experts: int = 0
     vocab_size: int = 129280
     weight_bytes: float = 2.0
@@ -105,6 +63,8 @@ MODELS = {
         rope_head_dim=64,
         num_experts=256,
         top_k=8,
+        num_expert_groups=8,
+        topk_groups=4,
         num_shared_experts=1,
     ),
 }
@@ -112,38 +72,59 @@ MODELS = {
 
 @dataclass
 class Hardware:
-    """A GPU type and its cluster fabric: one constant set per hardware type, never per case."""
+    """A GPU type and its cluster fabric: datasheet rates times measured efficiencies."""
 
-    name: str = "h100-seeds"
-    peak_flops_bf16: float = _c("seeds_h100_peak_flops")
-    mfu: float = _c("seeds_mfu")
-    memory_bandwidth: float = _c("seeds_h100_memory_bandwidth")
-    memory_efficiency: float = _c("seeds_memory_efficiency")
-    gpu_memory_bytes: float = _c("seeds_h100_memory")
-    gpus_per_node: int = 8
-    intra_node_bandwidth: float = _c("h100_nvlink_bandwidth")
-    intra_node_latency: float = _c("nvlink_latency")
-    inter_node_bandwidth: float = _c("ndr_nic_bandwidth")
-    inter_node_latency: float = _c("ndr_latency")
-    intra_node_efficiency: float = _c("link_efficiency")
-    inter_node_efficiency: float = _c("link_efficiency")
+    name: str
+    peak_flops_bf16: float
+    fp8_speedup: float
+    memory_bandwidth: float
+    num_sms: int
+    gpu_memory_bytes: float
+    gpus_per_node: int
+    intra_node_bandwidth: float
+    inter_node_bandwidth: float
+    intra_node_efficiency: float
+    inter_node_efficiency: float
+    gemm_peak_efficiency: float
+    gemm_half_rows: float
+    gemm_half_depth: float
+    memory_efficiency: float
+    kernel_fixed_s: float
+    attention_compute_efficiency: float
+    attention_memory_efficiency: float
 
 
-_DATASHEET = dict(
-    peak_flops_bf16=_c("datasheet_h100_peak_flops"),
-    memory_bandwidth=_c("datasheet_h100_memory_bandwidth"),
-    gpu_memory_bytes=_c("datasheet_h100_memory"),
-)
-HARDWARE = {
-    "h100-seeds": Hardware(),
-    "h100": Hardware(name="h100", **_DATASHEET),
-    # H800: H100 compute and memory, NVLink cut to 400 GB/s bidirectional.
-    "h800-seeds": Hardware(
-        name="h800-seeds",
-        gpu_memory_bytes=_c("datasheet_h100_memory"),
-        intra_node_bandwidth=_c("h800_nvlink_bandwidth"),
-    ),
-    "h800": Hardware(name="h800", intra_node_bandwidth=_c("h800_nvlink_bandwidth"), **_DATASHEET),
+def _hardware_presets() -> dict[str, Hardware]:
+    measured = {
+        **calibration.gpu_fields(CONSTANTS),
+        "intra_node_efficiency": CONSTANTS["intra_node_efficiency"].value,
+        "inter_node_efficiency": CONSTANTS["inter_node_efficiency"].value,
+    }
+    presets = {}
+    for name, sheet in CALIBRATION["hardware"].items():
+        rates = {key: value for key, value in sheet.items() if key != "source"}
+        presets[name] = Hardware(name=name, **rates, **measured)
+    return presets
+
+
+HARDWARE = _hardware_presets()
+
+
+@dataclass(frozen=True)
+class Transport:
+    """How dispatch and combine move tokens, and what each collective costs besides bytes."""
+
+    name: str
+    dedup: str  # "expert", "rank" or "node" (csrc/core/perf_comm.h)
+    nvlink_fixed_s: float
+    network_fixed_s: float
+    per_peer_s: float
+    sms: int
+
+
+TRANSPORTS = {
+    name: Transport(name, spec["dedup"], **calibration.transport_fields(CONSTANTS, name))
+    for name, spec in CALIBRATION["transports"].items()
 }
 
 
@@ -155,9 +136,10 @@ class Strategy:
     dp: int = 1
     micro_batches: int = 1
     overlap: bool = False
-    dedup_tokens: bool = True
+    redundant_experts: int = 0
     expert_imbalance: float = 1.0
     link_imbalance: float = 1.0
+    attention_imbalance: float = 1.0
     dispatch_bytes: float = 0.0
     combine_bytes: float = 0.0
 
@@ -171,16 +153,18 @@ class Workload:
     phase: str = "decode"
     batch: float = 64
     sequence_length: float = 2048
+    draft_tokens: int = 0
+    acceptance_rate: float = 0.0
+    disaggregated: bool = False
 
 
-_STRATEGY_KEYS = ("tp", "pp", "ep", "dp", "mb")
-# Named layouts: the seeds' baseline and proposal, and the seeds' 3,904-GPU layout
-# (61 layers x 64 GPUs: one pipeline stage per layer, one expert per GPU).
+# Named layouts: the seeds' 3,904-GPU layout (61 layers x 64 GPUs: one pipeline stage per layer,
+# one expert per GPU).
 STRATEGY_ALIASES = {"seeds3904": "pp61ep64dp64mb64"}
 
 
 def parse_strategy(text: str) -> Strategy:
-    """Parse 'tp8pp2', 'ep16tp8' (dp = ep / tp), 'pp61ep64dp64mb64'; suffix -serial, -nodedup.
+    """Parse 'tp8pp2', 'ep16tp8' (dp = ep / tp), 'pp61ep64dp64mb64'; suffix -serial.
 
     EP layouts overlap their all-to-all with two micro-batches unless '-serial' is given.
     """
@@ -189,7 +173,7 @@ def parse_strategy(text: str) -> Strategy:
     parts = re.findall(r"(tp|pp|ep|dp|mb)(\d+)", base)
     if not parts or "".join(k + v for k, v in parts) != base:
         raise ValueError(f"strategy {text!r}: expected e.g. tp8pp2, ep16tp8, pp61ep64dp64mb64")
-    unknown = set(flags) - {"serial", "nodedup"}
+    unknown = set(flags) - {"serial"}
     if unknown:
         raise ValueError(f"strategy {text!r}: unknown suffix {sorted(unknown)}")
     values = {key: int(value) for key, value in parts}
@@ -197,142 +181,96 @@ def parse_strategy(text: str) -> Strategy:
     dp = values.get("dp", max(1, ep // tp))
     overlap = ep > 1 and "serial" not in flags
     micro_batches = values.get("mb", max(pp, 2 if overlap else 1))
-    return Strategy(
-        tp=tp,
-        pp=pp,
-        ep=ep,
-        dp=dp,
-        micro_batches=micro_batches,
-        overlap=overlap,
-        dedup_tokens="nodedup" not in flags,
-    )
+    return Strategy(tp=tp, pp=pp, ep=ep, dp=dp, micro_batches=micro_batches, overlap=overlap)
 
 
-def _native(obj, native_cls):
-    native = native_cls()
+def _copy_fields(obj, native, skip=("name",)):
     for f in dataclasses.fields(obj):
-        if f.name != "name" and hasattr(native, f.name):
+        if f.name not in skip and hasattr(native, f.name):
             setattr(native, f.name, getattr(obj, f.name))
     return native
 
 
-def native_hardware(hw: Hardware, model: Model, num_nodes: int) -> _C.HardwareSpec:
-    native = _native(hw, _C.HardwareSpec)
+def native_gpu(hw: Hardware) -> _C.GpuSpec:
+    gpu = _copy_fields(hw, _C.GpuSpec())
+    gpu.peak_flops = hw.peak_flops_bf16
+    return gpu
+
+
+def native_hardware(hw: Hardware, num_nodes: int) -> _C.HardwareSpec:
+    native = _copy_fields(hw, _C.HardwareSpec())
     native.num_nodes = num_nodes
-    # FP8 weights run the FP8 tensor-core rate.
-    speedup = _c("fp8_speedup") if model.weight_bytes <= 1 else 1.0
-    native.gpu.peak_flops = hw.peak_flops_bf16 * speedup
-    native.gpu.mfu = hw.mfu
-    native.gpu.memory_bandwidth = hw.memory_bandwidth
-    native.gpu.memory_efficiency = hw.memory_efficiency
+    native.gpu = native_gpu(hw)
     return native
 
 
-def predict(model: Model, hw: Hardware, strategy: Strategy, workload: Workload, num_nodes=None):
-    """Predict one deployment; num_nodes defaults to the fewest nodes that hold its GPUs."""
+def native_transport(transport: Transport) -> _C.TransportSpec:
+    return _copy_fields(transport, _C.TransportSpec())
+
+
+def native_strategy(strategy: Strategy, transport: Transport) -> _C.StrategySpec:
+    native = _copy_fields(strategy, _C.StrategySpec())
+    native.dedup = calibration.DEDUP[transport.dedup]
+    native.all_to_all = native_transport(transport)
+    native.collectives = native_transport(TRANSPORTS["nccl"])
+    return native
+
+
+def native_workload(workload: Workload) -> _C.WorkloadSpec:
+    native = _copy_fields(workload, _C.WorkloadSpec(), skip=("phase",))
+    native.phase = getattr(_C.Phase, workload.phase)
+    return native
+
+
+def predict(
+    model: Model,
+    hw: Hardware,
+    strategy: Strategy,
+    workload: Workload,
+    transport: Transport | None = None,
+    num_nodes: int | None = None,
+):
+    """Predict one deployment; num_nodes defaults to the fewest nodes that hold its GPUs, the
+    transport to NCCL (moe_ep's own all-to-all)."""
     nodes = num_nodes or math.ceil(strategy.num_gpus / hw.gpus_per_node)
-    native_workload = _C.WorkloadSpec()
-    native_workload.phase = getattr(_C.Phase, workload.phase)
-    native_workload.batch = workload.batch
-    native_workload.sequence_length = workload.sequence_length
     return _C.perf_predict(
-        _native(model, _C.ModelSpec),
-        native_hardware(hw, model, nodes),
-        _native(strategy, _C.StrategySpec),
-        native_workload,
+        _copy_fields(model, _C.ModelSpec()),
+        native_hardware(hw, nodes),
+        native_strategy(strategy, transport or TRANSPORTS["nccl"]),
+        native_workload(workload),
     )
 
 
 def calibrate(hw: Hardware, path: str) -> Hardware:
-    """Replace rates with measured ones from a JSON file (e.g. the package's benchmark output).
+    """Replace rates and efficiencies with those measured by `benchmarks/bench_local.py --json`
+    (or a plain {"rates": {...}} file; perf_calibration.fit_benchmark)."""
+    changes = calibration.fit_benchmark(path, dataclasses.asdict(hw))
+    return dataclasses.replace(hw, name=hw.name + "+calibrated", **changes)
 
-    Recognised keys, at top level or under "rates": matmul_flops_per_s (achieved BF16),
-    memory_bytes_per_s, intra_node_bytes_per_s, inter_node_bytes_per_s, intra_node_latency_s,
-    inter_node_latency_s. A measured rate is already achieved, so its efficiency becomes 1.
+
+def placement_factors(placement: Placement, ep: int) -> tuple[float, float]:
+    """(expert_imbalance, link_imbalance) of a plan from moe_ep.plan, for an EP group of `ep`
+    GPUs: every MoE layer waits for its busiest GPU and its busiest NIC, so the step scales with
+    the mean over layers of each layer's ratios.
+
+    Expert imbalance: the busiest GPU's expected (token, expert) pairs over the layer's total
+    spread over `ep` GPUs (a layer whose experts sit on fewer GPUs is imbalanced by that much).
+    Link imbalance: the planner's busiest NIC load (tokens per NIC, its traffic model) over the
+    same total spread evenly over the group's nodes, (N - 1) / N of it crossing the network;
+    with co-activation samples the planner deduplicates copies, so this ratio is a lower bound.
     """
-    with open(path) as f:
-        data = json.load(f)
-    rates = data.get("rates", data)
-    mapping = {
-        "matmul_flops_per_s": ("peak_flops_bf16", "mfu"),
-        "memory_bytes_per_s": ("memory_bandwidth", "memory_efficiency"),
-        "intra_node_bytes_per_s": ("intra_node_bandwidth", "intra_node_efficiency"),
-        "inter_node_bytes_per_s": ("inter_node_bandwidth", "inter_node_efficiency"),
-        "intra_node_latency_s": ("intra_node_latency", None),
-        "inter_node_latency_s": ("inter_node_latency", None),
-    }
-    unknown = set(rates) - set(mapping)
-    if unknown:
-        raise ValueError(f"calibration file {path}: unknown keys {sorted(unknown)}")
-    changes = {"name": hw.name + "+calibrated"}
-    for key, value in rates.items():
-        if not isinstance(value, int | float) or value <= 0:
-            raise ValueError(f"calibration file {path}: {key} must be a positive number")
-        rate_field, efficiency_field = mapping[key]
-        changes[rate_field] = float(value)
-        if efficiency_field:
-            changes[efficiency_field] = 1.0
-    return dataclasses.replace(hw, **changes)
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _measurement_model(entry) -> Model:
-    return dataclasses.replace(MODELS[entry["model"]], **entry.get("model_overrides", {}))
-
-
-def predict_measurement(entry, hw: Hardware | None = None) -> float:
-    """The model's prediction of one published figure, in the entry's unit."""
-    hw = hw or HARDWARE[entry["hardware"]]
-    config = entry["config"]
-    if entry["kind"] == "all_to_all":
-        model = MODELS[entry["model"]]
-        nodes = math.ceil(config["ep"] / hw.gpus_per_node)
-        cost = _C.perf_all_to_all_cost(
-            config["tokens_per_gpu"],
-            config["bytes_per_token"],
-            model.num_experts,
-            model.top_k,
-            config["ep"],
-            config["dedup_tokens"],
-            1.0,
-            native_hardware(hw, model, nodes),
-        )
-        if entry["unit"] == "us":
-            return cost.time_s * 1e6
-        link_bytes = cost.inter_node_bytes if nodes > 1 else cost.intra_node_bytes
-        return link_bytes / cost.time_s / 1e9  # GB/s on the bottleneck link
-    model = _measurement_model(entry)
-    strategy = dataclasses.replace(
-        parse_strategy(config["strategy"]), **config.get("strategy_overrides", {})
-    )
-    workload = Workload(**config["workload"])
-    p = predict(model, hw, strategy, workload)
-    return p.tokens_per_s / (p.num_gpus / hw.gpus_per_node)  # tokens/s per node
-
-
-def load_measurements(path: str = MEASUREMENTS_PATH) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def validation_rows(datasheet: bool = False) -> list[dict]:
-    """Predictions of every published figure; datasheet swaps the seeds' GPU rates for NVIDIA's."""
-    rows = []
-    for entry in load_measurements()["measurements"]:
-        name = entry["hardware"].removesuffix("-seeds") if datasheet else entry["hardware"]
-        predicted = predict_measurement(entry, HARDWARE[name])
-        rows.append(
-            {
-                "id": entry["id"],
-                "published": entry["published"],
-                "predicted": predicted,
-                "unit": entry["unit"],
-                "error": predicted / entry["published"] - 1.0,
-            }
-        )
-    return rows
+    layers = placement.moe_layers
+    if not layers:
+        return 1.0, 1.0
+    gpus_per_node = placement.cluster.gpus_per_node
+    nodes = max(1, math.ceil(ep / gpus_per_node))
+    expert_sum = link_sum = 0.0
+    for layer in layers:
+        total = layer.metrics.mean_gpu_load * len(set(layer.gpus))
+        expert_sum += max(1.0, layer.metrics.max_gpu_load * ep / total) if total else 1.0
+        even_link = total * (nodes - 1) / (nodes * nodes * gpus_per_node)
+        link_sum += max(1.0, layer.metrics.max_link_load / even_link) if even_link > 0 else 1.0
+    return expert_sum / len(layers), link_sum / len(layers)
 
 
 # ----------------------------------------------------------------------------- output
@@ -363,54 +301,101 @@ def describe(label: str, p) -> str:
     return "\n".join(lines)
 
 
-def sweep(model: Model, hw: Hardware, per_gpu_batch: float, workload: Workload, eps, tp: int):
-    """Weak scaling: EP (and nodes) grow, the batch per GPU stays fixed."""
+SWEEP_EPS = (8, 16, 32, 64, 128, 256)
+
+
+def _plan(model: Model, ep: int, gpus_per_node: int, skew: float, policy: str) -> Placement:
+    from moe_ep import plan as planner
+
+    moe_layers = model.num_layers - model.num_dense_layers
+    planner_model = planner.Model(
+        num_layers=model.num_layers,
+        dense_layers=tuple(range(model.num_dense_layers)),
+        experts_per_layer=model.num_experts,
+        top_k=model.top_k,
+        bytes_per_expert=planner.gated_ffn_bytes(model.hidden, model.expert_ffn_hidden),
+    )
+    cluster = planner.Cluster(
+        num_nodes=max(1, ep // gpus_per_node),
+        gpus_per_node=min(ep, gpus_per_node),
+        gpu_memory_bytes=0,
+    )
+    loads = planner.zipf_loads(moe_layers, model.num_experts, skew)
+    return planner.plan(planner_model, cluster, loads=loads, policy=policy)
+
+
+def sweep(
+    model: Model,
+    hw: Hardware,
+    transport: Transport,
+    per_gpu_batch: float,
+    workload: Workload,
+    tp: int,
+    skew: float,
+    eps=SWEEP_EPS,
+):
+    """Weak scaling over EP widths (batch per GPU fixed) for three placements of Zipf(skew)
+    expert loads: uniform loads (the ideal), the planner's balanced plan, and no planner (the
+    seeds' layout: experts in order, no replicas)."""
     points = []
     for ep in eps:
         strategy = parse_strategy(f"ep{ep}tp{min(tp, ep)}")
         scaled = dataclasses.replace(workload, batch=per_gpu_batch * strategy.num_gpus)
-        p = predict(model, hw, strategy, scaled)
-        points.append(
-            {
-                "ep": ep,
-                "gpus": p.num_gpus,
-                "nodes": math.ceil(p.num_gpus / hw.gpus_per_node),
-                "tokens_per_s": p.tokens_per_s,
-                "tokens_per_s_per_gpu": p.tokens_per_s_per_gpu,
-                "latency_s": p.latency_s,
-                "bottleneck": p.bottleneck,
-                "fits_in_memory": p.fits_in_memory,
-            }
-        )
+        point = {"ep": ep, "gpus": strategy.num_gpus}
+        for label, policy in (
+            ("uniform", None),
+            ("planner", "balanced"),
+            ("no_planner", "sequential"),
+        ):
+            placed = strategy
+            if policy:
+                plan = _plan(model, ep, hw.gpus_per_node, skew, policy)
+                expert, link = placement_factors(plan, ep)
+                slots = len(plan.moe_layers[0].phy2log)
+                placed = dataclasses.replace(
+                    strategy,
+                    expert_imbalance=expert,
+                    link_imbalance=link,
+                    redundant_experts=max(0, slots - model.num_experts),
+                )
+                point[f"{label}_imbalance"] = [expert, link]
+            p = predict(model, hw, placed, scaled, transport)
+            point[f"{label}_tokens_per_s"] = p.tokens_per_s
+            point[f"{label}_bottleneck"] = p.bottleneck
+            point[f"{label}_fits_in_memory"] = p.fits_in_memory
+        points.append(point)
     return points
 
 
-def plot_sweep(points, path: str, title: str) -> None:
+def plot_sweeps(sweeps: dict, path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gpus = [pt["gpus"] for pt in points]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
-    left.plot(gpus, [pt["tokens_per_s"] for pt in points], "o-", label="predicted")
-    base = points[0]["tokens_per_s"] / points[0]["gpus"]
-    left.plot(gpus, [base * g for g in gpus], "--", color="grey", label="linear")
-    left.set(xscale="log", yscale="log", xlabel="GPUs", ylabel="tokens/s (total)")
-    left.legend()
-    right.plot(gpus, [pt["latency_s"] * 1e3 for pt in points], "o-")
-    right.set(xscale="log", xlabel="GPUs", ylabel="step latency (ms)")
-    fig.suptitle(title, fontsize=9)
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(4.6 * len(sweeps), 3.8), squeeze=False)
+    for axis, (name, points) in zip(axes[0], sweeps.items(), strict=True):
+        eps = [pt["ep"] for pt in points]
+        styles = (
+            ("uniform", "k:", "uniform load"),
+            ("planner", "o-", "Zipf, planner"),
+            ("no_planner", "s--", "Zipf, no planner"),
+        )
+        for key, style, label in styles:
+            axis.plot(eps, [pt[f"{key}_tokens_per_s"] for pt in points], style, label=label)
+        base = points[0]["uniform_tokens_per_s"] / points[0]["gpus"]
+        axis.plot(
+            eps, [base * pt["gpus"] for pt in points], color="grey", lw=0.8, label="linear from EP8"
+        )
+        axis.set(
+            xscale="log", yscale="log", xlabel="EP width (GPUs)", ylabel="tokens/s", title=name
+        )
+        axis.set_xticks(eps, [str(ep) for ep in eps])
+        axis.legend(fontsize=7)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-
-
-def placement_imbalance(placement: Placement) -> float:
-    """The expert-load factor of a planned placement: every MoE layer waits for its busiest
-    GPU, so the step scales with the mean over layers of each layer's max/mean GPU load."""
-    layers = placement.moe_layers
-    return sum(layer.metrics.imbalance for layer in layers) / len(layers) if layers else 1.0
 
 
 def main(argv=None) -> int:
@@ -418,80 +403,119 @@ def main(argv=None) -> int:
         prog="python -m moe_ep.perf", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--model", default="seeds", choices=sorted(MODELS))
-    parser.add_argument("--hardware", default="h100-seeds", choices=sorted(HARDWARE))
-    parser.add_argument("--calibrate", metavar="JSON", help="measured rates (see calibrate())")
+    parser.add_argument("--hardware", default="h100", choices=sorted(HARDWARE))
+    parser.add_argument(
+        "--transport",
+        default="nccl",
+        choices=sorted(TRANSPORTS),
+        help="all-to-all implementation (default: NCCL, moe_ep's own)",
+    )
+    parser.add_argument("--calibrate", metavar="JSON", help="bench_local.py --json output")
     parser.add_argument("--strategy", default="ep16tp8", help="e.g. tp8pp2, ep16tp8, seeds3904")
     parser.add_argument("--compare", help="comma-separated strategies, the first is the baseline")
     parser.add_argument("--phase", default="decode", choices=["prefill", "decode"])
     parser.add_argument("--batch", type=float, default=64, help="sequences per step, in total")
     parser.add_argument("--seq", type=float, default=2048, help="prompt or context length")
+    parser.add_argument("--draft-tokens", type=int, default=0, help="decode: MTP drafts per step")
+    parser.add_argument("--acceptance", type=float, default=0.0, help="decode: draft acceptance")
+    parser.add_argument(
+        "--disaggregated", action="store_true", help="prefill: the KV cache leaves for decode nodes"
+    )
     parser.add_argument("--nodes", type=int, help="nodes in the cluster (default: as needed)")
-    parser.add_argument("--imbalance", type=float, default=1.0, help="placement max/mean load")
-    parser.add_argument("--link-imbalance", type=float, help="max/mean link load (default: same)")
+    parser.add_argument("--imbalance", type=float, default=1.0, help="expert load max/mean")
+    parser.add_argument("--link-imbalance", type=float, default=1.0, help="link load max/mean")
+    parser.add_argument(
+        "--attention-imbalance", type=float, default=1.0, help="DP attention time max/mean"
+    )
     parser.add_argument(
         "--placement",
         metavar="JSON",
-        help="a plan from python -m moe_ep.plan: its mean per-layer max/mean GPU load "
-        "replaces --imbalance",
+        help="a plan from python -m moe_ep.plan: its per-GPU and per-link "
+        "imbalance and replica slots replace --imbalance/--link-imbalance",
     )
-    parser.add_argument("--sweep", action="store_true", help="sweep EP 8..256 (weak scaling)")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="EP 8..256 for the seeds' model and DeepSeek-V3, with and without the planner",
+    )
+    parser.add_argument("--zipf", type=float, default=0.5, help="--sweep: expert load skew")
     parser.add_argument("--plot", help="PNG path for --sweep")
     parser.add_argument("--json", help="JSON path for --sweep or --compare")
     parser.add_argument("--validate", action="store_true", help="published measurements table")
-    parser.add_argument("--datasheet", action="store_true", help="--validate with datasheet rates")
-    parser.add_argument("--constants", action="store_true", help="list hardware constants")
+    parser.add_argument("--constants", action="store_true", help="derived constants, sources")
     args = parser.parse_args(argv)
 
     if args.constants:
         for name, c in CONSTANTS.items():
-            print(f"{name:<32}{c.value:>12.4g} {c.unit:<20}{c.source}")
+            print(f"{name:<32}{c.value:>12.4g} {c.unit:<9}{c.source}")
         return 0
     if args.validate:
-        print(f"{'measurement':<34}{'published':>12}{'predicted':>12} unit    error")
-        for row in validation_rows(args.datasheet):
-            print(
-                f"{row['id']:<34}{row['published']:>12.1f}{row['predicted']:>12.1f} "
-                f"{row['unit']:<7}{row['error']:+.1%}"
-            )
+        from moe_ep import perf_validation
+
+        print(perf_validation.report())
         return 0
 
-    model = MODELS[args.model]
     hw = HARDWARE[args.hardware]
     if args.calibrate:
         hw = calibrate(hw, args.calibrate)
-    workload = Workload(args.phase, args.batch, args.seq)
-
-    imbalance = args.imbalance
-    if args.placement:
-        imbalance = placement_imbalance(Placement.load(args.placement))
-        print(f"placement {args.placement}: mean per-layer GPU load max/mean {imbalance:.3f}")
-
-    def with_placement(strategy: Strategy) -> Strategy:
-        link = args.link_imbalance if args.link_imbalance is not None else imbalance
-        return dataclasses.replace(strategy, expert_imbalance=imbalance, link_imbalance=link)
+    transport = TRANSPORTS[args.transport]
+    workload = Workload(
+        args.phase, args.batch, args.seq, args.draft_tokens, args.acceptance, args.disaggregated
+    )
 
     if args.sweep:
         per_gpu = args.batch / 16  # --batch is read as the batch of a 16-GPU deployment
-        points = sweep(model, hw, per_gpu, workload, [8, 16, 32, 64, 128, 256], tp=8)
-        print(f"{'EP':>5}{'GPUs':>6}{'nodes':>6}{'tokens/s':>14}{'per GPU':>10}{'ms':>9}  bound")
-        for pt in points:
-            print(
-                f"{pt['ep']:>5}{pt['gpus']:>6}{pt['nodes']:>6}{pt['tokens_per_s']:>14,.0f}"
-                f"{pt['tokens_per_s_per_gpu']:>10,.0f}{pt['latency_s'] * 1e3:>9.2f}  "
-                f"{pt['bottleneck']}{'' if pt['fits_in_memory'] else ' (does not fit)'}"
-            )
+        sweeps = {}
+        for name in ("seeds", "deepseek-v3"):
+            points = sweep(MODELS[name], hw, transport, per_gpu, workload, 8, args.zipf)
+            sweeps[name] = points
+            print(f"== {name}: tokens/s (uniform load | Zipf {args.zipf:g} planner | no planner)")
+            for pt in points:
+                print(
+                    f"EP{pt['ep']:<4}{pt['uniform_tokens_per_s']:>14,.0f}"
+                    f"{pt['planner_tokens_per_s']:>14,.0f}{pt['no_planner_tokens_per_s']:>14,.0f}"
+                    f"  imbalance planner {pt['planner_imbalance'][0]:.2f}/"
+                    f"{pt['planner_imbalance'][1]:.2f}, none {pt['no_planner_imbalance'][0]:.2f}/"
+                    f"{pt['no_planner_imbalance'][1]:.2f}  {pt['planner_bottleneck']}"
+                    f"{'' if pt['planner_fits_in_memory'] else ' (does not fit)'}"
+                )
         if args.plot:
-            title = f"{model.name} on {hw.name}, {args.phase}, {per_gpu:g} seqs/GPU x {args.seq:g}"
-            plot_sweep(points, args.plot, title)
+            title = (
+                f"{hw.name}, {transport.name}, {args.phase}, {per_gpu:g} seqs/GPU x {args.seq:g}, "
+                f"attention TP8 x DP, Zipf {args.zipf:g} expert loads"
+            )
+            plot_sweeps(sweeps, args.plot, title)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"model": model.name, "hardware": hw.name, "points": points}, f, indent=1)
+                json.dump({"hardware": hw.name, "sweeps": sweeps}, f, indent=1)
         return 0
 
+    overrides = {
+        "expert_imbalance": args.imbalance,
+        "link_imbalance": args.link_imbalance,
+        "attention_imbalance": args.attention_imbalance,
+    }
+    placement = Placement.load(args.placement) if args.placement else None
+    model = MODELS[args.model]
     names = args.compare.split(",") if args.compare else [args.strategy]
     results = []
     for name in names:
-        p = predict(model, hw, with_placement(parse_strategy(name)), workload, args.nodes)
+        strategy = dataclasses.replace(parse_strategy(name), **overrides)
+        if placement is not None:
+            expert, link = placement_factors(placement, strategy.ep)
+            slots = len(placement.moe_layers[0].phy2log) if placement.moe_layers else 0
+            strategy = dataclasses.replace(
+                strategy,
+                expert_imbalance=expert,
+                link_imbalance=link,
+                redundant_experts=max(0, slots - model.num_experts),
+            )
+            print(
+                f"placement {args.placement} ({placement.cluster.num_gpus} GPUs) for {name}: "
+                f"expert imbalance {expert:.3f}, link imbalance {link:.3f}, "
+                f"{slots} slots per layer"
+            )
+        p = predict(model, hw, strategy, workload, transport, args.nodes)
         results.append((name, p))
         print(describe(name, p))
     if len(results) > 1:

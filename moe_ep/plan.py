@@ -10,6 +10,9 @@ C++ header.
     python -m moe_ep.plan --preset deepseek-v3 --zipf 1.0 --out v3.json
     python -m moe_ep.plan --preset deepseek-v3 --loads new.json --previous v3.json \
         --max-moves 16 --out v3-next.json      # re-plan, moving few expert weights
+
+``rebalance_experts`` takes and returns what DeepSeek EPLB's function of that name does, so
+a serving stack that calls EPLB can call it instead.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 from moe_ep import _C
 
@@ -49,6 +54,12 @@ class Model:
     top_k: int = 2
     bytes_per_expert: float = 0.0
     dense_layer_bytes: float = 0.0
+    # Group-limited routing: expert e is in group expert_group[e], or with expert_group
+    # empty in group e // (experts_per_layer // n_group); a token's experts come from at
+    # most topk_group groups (0: unknown, taken as limited). n_group == 1: no groups.
+    n_group: int = 1
+    topk_group: int = 0
+    expert_group: tuple[int, ...] = ()
 
     @property
     def moe_layers(self) -> list[int]:
@@ -71,8 +82,9 @@ def _presets() -> dict[str, Preset]:
     expert = gated_ffn_bytes(7168, 2048)
     # The seeds' model; their dense layers' FFN width is not given, 2048 is assumed.
     seeds = Model(61, (0, 1, 2), 64, 2, expert, expert)
-    # DeepSeek-V3's public config: 256 routed experts, top-8, dense FFN 18432.
-    v3 = Model(61, (0, 1, 2), 256, 8, expert, gated_ffn_bytes(7168, 18432))
+    # DeepSeek-V3's public config: 256 routed experts, top-8 from 4 of 8 groups, dense FFN
+    # 18432.
+    v3 = Model(61, (0, 1, 2), 256, 8, expert, gated_ffn_bytes(7168, 18432), 8, 4)
     return {
         # The seeds run 64 GB GPUs; the layout is the seeds' own (see kSequential).
         "seeds": Preset(seeds, Cluster(gpu_memory_bytes=64e9), "sequential"),
@@ -135,8 +147,9 @@ class Placement:
     @classmethod
     def from_dict(cls, d: dict) -> Placement:
         model = d["model"]
+        tuples = {key: tuple(model.get(key, ())) for key in ("dense_layers", "expert_group")}
         return cls(
-            model=Model(**{**model, "dense_layers": tuple(model["dense_layers"])}),
+            model=Model(**{**model, **tuples}),
             cluster=Cluster(**d["cluster"]),
             policy=d["policy"],
             layers=tuple(_layer_from_dict(layer) for layer in d["layers"]),
@@ -212,6 +225,40 @@ def plan(
     only what lowers the load, at most ``max_moves`` optional (GPU, expert) copies per layer
     beyond those a change of slot count forces (-1: no limit); each layer's ``moves`` counts
     the copies. Raises ValueError naming the bad field."""
+    raw = _plan_raw(
+        model,
+        cluster,
+        loads,
+        coactivation,
+        policy,
+        redundant_experts,
+        memory_reserve_bytes,
+        topology_aware,
+        previous,
+        max_moves,
+    )
+    return Placement(
+        model=model,
+        cluster=cluster,
+        policy=policy,
+        layers=tuple(_layer_from_dict(layer) for layer in raw["layers"]),
+        gpu_memory_used=tuple(raw["gpu_memory_used"]),
+    )
+
+
+def _plan_raw(
+    model: Model,
+    cluster: Cluster,
+    loads: Sequence[Sequence[float]] | None,
+    coactivation: Sequence[Sequence[Sequence[int]]] | None,
+    policy: str,
+    redundant_experts: int,
+    memory_reserve_bytes: float,
+    topology_aware: bool,
+    previous: Sequence[LayerPlacement] | None,
+    max_moves: int,
+) -> dict:
+    """plan() up to the planner's plain dicts (see plan() for the arguments)."""
     if policy not in POLICIES:
         raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
     num_moe = len(model.moe_layers)
@@ -238,15 +285,12 @@ def plan(
         "topology_aware": topology_aware,
         "max_moves": max_moves,
     }
-    model_dict = {**dataclasses.asdict(model), "dense_layers": list(model.dense_layers)}
-    raw = _C.plan_placement(model_dict, dataclasses.asdict(cluster), stats, options)
-    return Placement(
-        model=model,
-        cluster=cluster,
-        policy=policy,
-        layers=tuple(_layer_from_dict(layer) for layer in raw["layers"]),
-        gpu_memory_used=tuple(raw["gpu_memory_used"]),
-    )
+    model_dict = {
+        **dataclasses.asdict(model),
+        "dense_layers": list(model.dense_layers),
+        "expert_group": list(model.expert_group),
+    }
+    return _C.plan_placement(model_dict, dataclasses.asdict(cluster), stats, options)
 
 
 def zipf_loads(
@@ -266,6 +310,110 @@ def zipf_loads(
     return layers
 
 
+def rebalance_experts(
+    weight: torch.Tensor | Sequence[Sequence[float]],
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    coactivation: Sequence[torch.Tensor | Sequence[Sequence[int]]] | None = None,
+    topk_group: int = 0,
+    previous: torch.Tensor | None = None,
+    max_moves: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek EPLB's ``rebalance_experts``, planned by moe_ep: the same arguments and the
+    same results, so that a serving stack that calls EPLB can call this instead.
+
+    Args:
+        weight: [layers, experts], the load of every logical expert (any device, numbers >= 0).
+        num_replicas: physical experts per layer, a multiple of num_gpus.
+        num_groups: expert groups (experts e // (experts // num_groups)). As in EPLB, when
+            the nodes divide the groups, every group and its replicas stay on one node.
+        num_nodes: server nodes (the fast links are inside a node).
+        num_gpus: GPUs, a multiple of num_nodes; GPU g holds physical experts
+            g * num_replicas / num_gpus and the following ones.
+    What EPLB cannot take (keyword only):
+        coactivation: per layer, samples of the experts one token chose ([samples, top_k]
+            ids): the planner then places experts chosen together on one node.
+        topk_group: the groups a token may use (0: unknown, taken as limited); with
+            topk_group == num_groups the groups limit nothing and are not kept on nodes.
+        previous: the phy2log [layers, replicas] of an earlier call: re-plan from it,
+            copying few expert weights (at most max_moves optional copies per layer, -1:
+            no limit).
+
+    Returns (phy2log, log2phy, logcnt), int64 on the CPU: phy2log [layers, num_replicas] the
+    logical expert of every physical one; log2phy [layers, experts, X] the physical experts
+    of every logical one, padded with -1 (X: the most replicas of any expert); logcnt
+    [layers, experts] the replicas of every logical expert. Raises ValueError naming the bad
+    argument."""
+    weight = torch.as_tensor(weight).detach().cpu().double()
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"weight: expected [layers, experts], got shape {tuple(weight.shape)}")
+    if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
+        raise ValueError("weight: loads must be finite and >= 0")
+    layers, experts = weight.shape
+    for name, value in (("num_nodes", num_nodes), ("num_gpus", num_gpus)):
+        if value < 1:
+            raise ValueError(f"{name}: must be >= 1, got {value}")
+    if num_gpus % num_nodes:
+        raise ValueError(f"num_gpus: {num_gpus} is not a multiple of num_nodes {num_nodes}")
+    if num_replicas % num_gpus or num_replicas < experts:
+        raise ValueError(
+            f"num_replicas: expected a multiple of num_gpus ({num_gpus}), at least the "
+            f"{experts} experts, got {num_replicas}"
+        )
+    if num_groups < 1:
+        raise ValueError(f"num_groups: must be >= 1, got {num_groups}")
+    n_group = num_groups if experts % num_groups == 0 else 1
+    if n_group == 1 and num_groups % num_nodes == 0 and num_groups > 1:
+        raise ValueError(f"num_groups: {num_groups} groups do not divide {experts} experts")
+    samples = None
+    top_k = 1
+    if coactivation is not None:
+        samples = [torch.as_tensor(rows).reshape(len(rows), -1).tolist() for rows in coactivation]
+        top_k = max((len(rows[0]) for rows in samples if rows), default=1)
+    previous_layers = None
+    if previous is not None:
+        previous = torch.as_tensor(previous)
+        if previous.dim() != 2 or previous.shape[0] != layers or previous.shape[1] % num_gpus:
+            raise ValueError(
+                f"previous: expected phy2log [{layers}, a multiple of {num_gpus}], got shape "
+                f"{tuple(previous.shape)}"
+            )
+        per_gpu = previous.shape[1] // num_gpus
+        gpus = tuple(p // per_gpu for p in range(previous.shape[1]))
+        previous_layers = [
+            LayerPlacement(i, False, tuple(row), (), (), gpus)
+            for i, row in enumerate(previous.tolist())
+        ]
+    model = Model(layers, (), experts, top_k, 1.0, 0.0, n_group, topk_group)
+    cluster = Cluster(num_nodes=num_nodes, gpus_per_node=num_gpus // num_nodes, gpu_memory_bytes=0)
+    planned = _plan_raw(
+        model,
+        cluster,
+        weight.tolist(),
+        samples,
+        "balanced",
+        num_replicas - experts,
+        0.0,
+        True,
+        previous_layers,
+        max_moves,
+    )["layers"]
+    phy2log = torch.tensor([layer["phy2log"] for layer in planned], dtype=torch.int64)
+    logcnt = torch.tensor([layer["replica_count"] for layer in planned], dtype=torch.int64)
+    # log2phy[l, e, r]: the r-th physical expert (in slot order) of logical expert e.
+    slot = torch.arange(num_replicas).expand(layers, -1)
+    order = (phy2log * num_replicas + slot).argsort(dim=1)
+    first = logcnt.cumsum(1) - logcnt
+    rank = torch.arange(num_replicas) - first.gather(1, phy2log.gather(1, order))
+    width = max(max(layer["replica_count"]) for layer in planned)
+    log2phy = torch.full((layers, experts, width), -1, dtype=torch.int64)
+    log2phy[torch.arange(layers).view(-1, 1), phy2log.gather(1, order), rank] = order
+    return phy2log, log2phy, logcnt
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m moe_ep.plan",
@@ -279,6 +427,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reserve-gb", type=float, default=0.0, help="memory kept for the rest")
     p.add_argument("--experts", type=int, help="experts per MoE layer")
     p.add_argument("--top-k", type=int)
+    p.add_argument("--n-group", type=int, help="expert groups of group-limited routing")
+    p.add_argument("--topk-group", type=int, help="groups a token may use (0: unknown)")
     p.add_argument("--policy", choices=POLICIES, help="default: the preset's")
     p.add_argument("--redundant", type=int, default=-1, help="replicas per layer; -1: auto")
     p.add_argument("--no-topology", action="store_true", help="skip the node-level step")
@@ -298,8 +448,11 @@ def main(argv: Sequence[str] | None = None) -> Placement:
     model, cluster = preset.model, preset.cluster
     if args.experts is not None:
         model = dataclasses.replace(model, experts_per_layer=args.experts)
-    if args.top_k is not None:
-        model = dataclasses.replace(model, top_k=args.top_k)
+    if args.n_group is not None:  # the preset's topk_group belongs to its groups
+        model = dataclasses.replace(model, n_group=args.n_group, topk_group=0)
+    for name in ("top_k", "topk_group"):
+        if getattr(args, name) is not None:
+            model = dataclasses.replace(model, **{name: getattr(args, name)})
     if args.gpus_per_node is not None:
         cluster = dataclasses.replace(cluster, gpus_per_node=args.gpus_per_node)
     if args.gpus is not None:

@@ -15,7 +15,7 @@ from conftest import assert_close_relative, process_group  # noqa: E402
 import moe_ep  # noqa: E402
 from moe_ep import reference  # noqa: E402
 from moe_ep.dispatcher import dispatch_layout
-from moe_ep.pipeline import moe_forward, stream_layers  # noqa: E402
+from moe_ep.pipeline import run_layer, stream_layers  # noqa: E402
 from moe_ep.placement import ExpertPlacement  # noqa: E402
 
 HIDDEN, FFN = 32, 16
@@ -80,6 +80,8 @@ def check_layer(
     if one_expert is None:
         x = x * 2 - 1
     out = layer(x)
+    if mode == "capacity":
+        layer.check_dispatch_status()
     ids, weights = layer.route(x)
     expected = reference.moe(x.cpu(), ids.cpu(), weights.cpu(), w13, w2)
     try:
@@ -205,6 +207,15 @@ def run_scenarios(device="cpu"):
     assert layout.rows_sent == distinct and layout.rows_saved == ids.numel() - distinct
 
 
+def chunked(layer, x, chunks, overlap_fn=None):
+    """The Python pipeline over one layer (what MoELayer.forward runs with a hook)."""
+    slots, weights = layer.route_slots(x)
+    routed, extra = run_layer(layer, x, slots, weights, chunks, overlap_fn)
+    if layer.dispatch_mode == "capacity":
+        layer.check_dispatch_status()
+    return routed if extra is None else routed + extra
+
+
 def run_overlap(device="cpu"):
     """The chunked pipeline (overlap on) against the unchunked step (overlap off)."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -235,9 +246,9 @@ def run_overlap(device="cpu"):
             off = layers[0].experts(x, ids, weights)
             # One chunk is the same math: bitwise equal. More chunks change only the row counts
             # of the expert GEMMs, so the results agree to float32 rounding.
-            assert torch.equal(moe_forward(layers[0], x, 1), off)
+            assert torch.equal(chunked(layers[0], x, 1), off)
             for chunks in (2, 3, 5):
-                on = moe_forward(layers[0], x, chunks)
+                on = chunked(layers[0], x, chunks)
                 torch.testing.assert_close(on, off, rtol=1e-6, atol=1e-6)
                 if mode == "exact":  # the moe_forward op (routing once, not per chunk)
                     layer = layers[0]
@@ -248,7 +259,7 @@ def run_overlap(device="cpu"):
             # A hook in the gaps (a shared expert): its result is added to each chunk.
             shared = torch.nn.Linear(HIDDEN, HIDDEN, device=device)
             with torch.no_grad():
-                hooked = moe_forward(layers[0], x, 3, lambda chunk, xc, f=shared: f(xc))
+                hooked = chunked(layers[0], x, 3, lambda chunk, xc, f=shared: f(xc))
                 torch.testing.assert_close(hooked, off + shared(x), rtol=1e-5, atol=1e-5)
             # Layer-to-layer streaming over a stack of three layers.
             sequential = x
@@ -261,19 +272,27 @@ def run_overlap(device="cpu"):
                 torch.testing.assert_close(streamed, sequential, rtol=1e-4, atol=1e-4)
 
 
-def capacity_dispatch(x, ids, weights, placement, group=None):
-    result = moe_ep.dispatcher.dispatch_capacity(x, ids, weights, placement, 4, group)
+def capacity_dispatch(x, ids, weights, placement, group=None, capacity=4):
+    result = moe_ep.dispatcher.dispatch_capacity(x, ids, weights, placement, capacity, group)
     result.check()
     return result
 
 
-def expect_error(needle, call, *args):
+def expect_error(needle, call, *args, **kwargs):
     try:
-        call(*args)
+        call(*args, **kwargs)
     except RuntimeError as error:
         assert needle in str(error), error
         return
     raise AssertionError(f"no error mentioning {needle!r}")
+
+
+_fresh_capacity = iter(range(100, 10_000))
+
+
+def fresh_capacity_dispatch(x, ids, weights, placement, group=None):
+    """A fixed-capacity configuration no earlier call used: every rank makes its handshake."""
+    return capacity_dispatch(x, ids, weights, placement, group, next(_fresh_capacity))
 
 
 def run_misuse():
@@ -281,13 +300,15 @@ def run_misuse():
     world, rank = dist.get_world_size(), dist.get_rank()
     if world == 1:
         return
+    last = rank == world - 1
     experts = 2 * world
     placement = ExpertPlacement.contiguous(experts, world)
     ids = torch.zeros(4, 1, dtype=torch.int32)
     w = torch.ones(4, 1)
-    x = torch.randn(4, 16 if rank == 0 else 32)
-    bad_ids = ids + (experts if rank == world - 1 else 0)
     good_x = torch.randn(4, 32)
+    # Misuse in the data: found by the layout on one rank, carried in the exact mode's header
+    # or the fixed-capacity status.
+    bad_ids = ids + (experts if last else 0)
     # One expert per rank: a repeated expert id (every rank but 0) puts two choices of a token
     # on one rank.
     one_each = ExpertPlacement.contiguous(world, world)
@@ -295,35 +316,59 @@ def run_misuse():
     # An expert map with a rank outside the group, on the last rank only (the slot map is
     # written after the placement's own validation).
     broken = ExpertPlacement.contiguous(experts, world)
-    if rank == world - 1:
+    if last:
         broken.slot_rank[0] = world
     for dispatch in (moe_ep.dispatcher.dispatch, capacity_dispatch):
         expect_error("expert map", dispatch, good_x, ids, w, broken)
-        expect_error("hidden size", dispatch, x, ids, w, placement)
         expect_error("'topk_ids'", dispatch, good_x, bad_ids, w, placement)
         expect_error("'group_name'", dispatch, good_x, ids, w, placement, "no-such-group")
         expect_error(
             "more choices on one rank", dispatch, good_x, repeated, w.expand(4, 2), one_each
         )
+    # A configuration that differs on one rank: found by the exact mode's header at any call,
+    # by the fixed-capacity handshake at the configuration's first call.
+    for dispatch in (moe_ep.dispatcher.dispatch, fresh_capacity_dispatch):
+        expect_error("hidden size", dispatch, torch.randn(4, 16 if last else 32), ids, w, placement)
+        expect_error(
+            "dtype",
+            dispatch,
+            good_x.to(torch.bfloat16 if last else torch.float32),
+            ids,
+            w,
+            placement,
+        )
+        two = torch.tensor([[0, 1]] * 4, dtype=torch.int32)
+        expect_error(
+            "choices per token",
+            dispatch,
+            good_x,
+            ids if last else two,
+            w if last else w.expand(4, 2),
+            placement,
+        )
+        # A malformed argument on one rank: it takes part in the exchange and every rank raises.
+        expect_error("'topk_weights'", dispatch, good_x, ids, w[:3] if last else w, placement)
+        expect_error("'x'", dispatch, good_x.flatten() if last else good_x, ids, w, placement)
+    # Placements that differ on one rank (valid on each) would send tokens to the wrong experts:
+    # the map checksum travels every step.
+    homes = [e // 2 for e in range(experts)]
+    if last:  # experts 0 and E-1 trade ranks: every rank still hosts two
+        homes[0], homes[-1] = homes[-1], homes[0]
+    swapped = ExpertPlacement.from_ranks(homes, world)
+    for dispatch in (moe_ep.dispatcher.dispatch, capacity_dispatch):
+        expect_error("expert map", dispatch, good_x, ids, w, swapped)
     # moe_forward starts all chunks with one header: misuse in the last chunk of one rank
-    # still raises on every rank.
+    # still raises on every rank, and so do chunk counts or expert weights that differ.
     w13 = torch.randn(2, 2 * FFN, HIDDEN)
     w2 = torch.randn(2, HIDDEN, FFN)
     late_bad = ids.clone()
-    late_bad[-1] = experts if rank == world - 1 else 0
+    late_bad[-1] = experts if last else 0
+    forward = moe_ep.dispatcher.moe_forward
+    x32 = torch.randn(4, HIDDEN)
     for chunks in (1, 3):
-        expect_error(
-            "'topk_ids'",
-            moe_ep.dispatcher.moe_forward,
-            good_x,
-            late_bad,
-            w,
-            placement,
-            w13,
-            w2,
-            "silu",
-            chunks,
-        )
+        expect_error("'topk_ids'", forward, x32, late_bad, w, placement, w13, w2, "silu", chunks)
+    expect_error("'num_chunks'", forward, x32, ids, w, placement, w13, w2, "silu", 3 if last else 2)
+    expect_error("'w13'", forward, x32, ids, w, placement, w13[0] if last else w13, w2, "silu", 1)
     check_layer("after-misuse", experts, 2, 10, torch.float32)
     check_layer("after-misuse", experts, 2, 10, torch.float32, mode="capacity")
 

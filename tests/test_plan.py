@@ -90,7 +90,13 @@ def test_json_round_trip_and_determinism(tmp_path):
 def test_bad_configurations_raise_clear_errors():
     model, cluster = small(2, 64), Cluster(num_nodes=10)
     with pytest.raises(ValueError, match="redundant_experts"):
-        planner.plan(model, cluster, redundant_experts=17)
+        planner.plan(model, cluster, redundant_experts=100000)  # beyond 80 GB per GPU
+    with pytest.raises(ValueError, match="redundant_experts"):
+        planner.plan(model, cluster, redundant_experts=-2)
+    with pytest.raises(ValueError, match="model.n_group"):
+        planner.plan(dataclasses.replace(model, n_group=5), cluster)
+    with pytest.raises(ValueError, match="model.expert_group"):
+        planner.plan(dataclasses.replace(model, n_group=2, expert_group=(0,) * 64), cluster)
     with pytest.raises(ValueError, match="model.bytes_per_expert"):
         planner.plan(model, dataclasses.replace(cluster, gpu_memory_bytes=50e6))
     with pytest.raises(ValueError, match="cluster.gpu_memory_bytes"):
@@ -112,6 +118,17 @@ def test_cli_prints_summary_and_writes_json(tmp_path, capsys):
     assert "max inter-node link load" in printed
     assert Placement.load(str(out)) == placement
     assert len(placement.layers[3].phy2log) == 5 * 64  # 256 experts + one spare slot per GPU
+    # The preset's groups (8 of 32 experts, 4 per token) stay whole on the 8 nodes; with
+    # --n-group 1 the same run ignores them.
+    layer = placement.layers[3]
+    assert all(
+        len({g // 8 for g, e in zip(layer.gpus, layer.phy2log, strict=True) if e // 32 == group})
+        == 1
+        for group in range(8)
+    )
+    ungrouped = planner.main([*args, "--n-group", "1", "--out", str(tmp_path / "flat.json")])
+    assert ungrouped.model.n_group == 1 and ungrouped.layers[3].phy2log != layer.phy2log
+    capsys.readouterr()
     # Re-plan from it for other loads: few copies, within the budget.
     again = tmp_path / "v3-next.json"
     args = ["--preset", "deepseek-v3", "--gpus", "64", "--zipf", "1.5", "--out", str(again)]
@@ -163,3 +180,27 @@ def test_replan_rejects_bad_previous_placements():
         planner.plan(model, cluster, previous=[bad])
     with pytest.raises(ValueError, match="max_moves"):
         planner.plan(model, cluster, previous=before, max_moves=-2)
+
+
+def test_group_limited_model_keeps_groups_on_nodes_and_round_trips(tmp_path):
+    # DeepSeek-V3's routing on 4 nodes: every group of 32 experts (its replicas too) on one
+    # node, two groups per node; the groups survive the JSON round trip.
+    model = dataclasses.replace(small(1, 256, 8), n_group=8, topk_group=4)
+    cluster = Cluster(num_nodes=4)
+    placement = planner.plan(model, cluster, loads=planner.zipf_loads(1, 256, 1.0))
+    layer = placement.moe_layers[0]
+    nodes_of_group = {}
+    for gpu, expert in zip(layer.gpus, layer.phy2log, strict=True):
+        nodes_of_group.setdefault(expert // 32, set()).add(gpu // cluster.gpus_per_node)
+    assert all(len(nodes) == 1 for nodes in nodes_of_group.values())
+    assert (
+        sorted(len([g for g, n in nodes_of_group.items() if n == {k}]) for k in range(4)) == [2] * 4
+    )
+    mapped = dataclasses.replace(model, expert_group=tuple(e // 32 for e in range(256)))
+    assert planner.plan(
+        mapped, cluster, loads=planner.zipf_loads(1, 256, 1.0)
+    ) == dataclasses.replace(placement, model=mapped)
+    path = tmp_path / "grouped.json"
+    placement.save(str(path))
+    assert Placement.load(str(path)) == placement
+    assert planner.PRESETS["deepseek-v3"].model.n_group == 8

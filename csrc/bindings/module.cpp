@@ -5,6 +5,7 @@
 
 #include "bindings/bindings.h"
 #include "moe_ep_build_info.h"  // MOE_EP_CUDA_TARGETS, written by setup.py
+#include "ops/dispatch_config.h"
 #include "ops/host_reads.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -20,6 +21,10 @@ PYBIND11_MODULE(_C, m) {
         "Device-to-host reads made by moe_ep since import (moe_ep.debug.host_reads).");
   m.def("count_host_read", &moe_ep::ops::count_host_read,
         "Counts one host read made by moe_ep's Python code.");
+  m.def(
+      "describe_dispatch_errors",
+      [](int64_t errors) { return moe_ep::ops::describe_errors(errors, /*num_experts=*/0); },
+      "The misuse named by a dispatch status's error bits.");
   moe_ep::bindings::bind_placement(m);
   moe_ep::bindings::bind_perf(m);
 }

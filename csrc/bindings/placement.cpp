@@ -27,6 +27,9 @@ core::PlacementModel to_model(const py::dict& d) {
   m.top_k = field(d, "top_k", m.top_k);
   m.bytes_per_expert = field(d, "bytes_per_expert", m.bytes_per_expert);
   m.dense_layer_bytes = field(d, "dense_layer_bytes", m.dense_layer_bytes);
+  m.n_group = field(d, "n_group", m.n_group);
+  m.topk_group = field(d, "topk_group", m.topk_group);
+  m.expert_group = field(d, "expert_group", m.expert_group);
   return m;
 }
 
@@ -111,8 +114,15 @@ void bind_placement(py::module_& m) {
       "plan_placement",
       [](const py::dict& model, const py::dict& cluster, const py::list& stats,
          const py::dict& options) {
-        const auto plan = core::plan_placement(to_model(model), to_cluster(cluster),
-                                               to_stats(stats), to_options(options));
+        const auto core_model = to_model(model);
+        const auto core_cluster = to_cluster(cluster);
+        const auto core_stats = to_stats(stats);
+        const auto core_options = to_options(options);
+        core::Placement plan;
+        {
+          py::gil_scoped_release release;  // the planner touches no Python object
+          plan = core::plan_placement(core_model, core_cluster, core_stats, core_options);
+        }
         return to_dict(plan);
       },
       py::arg("model"), py::arg("cluster"), py::arg("stats"), py::arg("options"),

@@ -28,18 +28,26 @@
 //     forwarded after the network). It follows the GPU load, so balancing GPUs balances it.
 //
 // Policies
-//   kBalanced   replicas by highest load per replica; GPUs packed heaviest-first into the
-//               lightest GPU, then improved by slot swaps (never worse than kGreedy); with
-//               topology_aware, the GPUs' contents are then permuted across nodes to
-//               balance node load and, with co-activation samples, improved by swaps that
-//               lower the busiest node's copies by at least 0.1% each (a swap's effect is
-//               bounded below by its two one-way moves, so most swaps are never evaluated
-//               in full: 58 layers x 4,096 samples on 3,904 GPUs plan in under a second).
-//               Permuting whole GPU contents keeps the per-GPU balance exactly: among
-//               placements of equal GPU balance it searches for a low maximum link load
-//               (local search, not an optimum).
-//   kGreedy     the baseline of public EPLB-style balancers: same replica counts, slots
-//               packed heaviest-first into the lightest GPU, no swaps, no topology step.
+//   kBalanced   replica counts and a first packing by EPLB's published rules (highest load
+//               per replica gets the next replica; slots heaviest-first into the lightest
+//               GPU), and one that never puts two replicas of an expert on a GPU, each
+//               improved by slot swaps between the heaviest GPU and any other; the lower
+//               maximum wins (balanced_packing.h). The GPU maximum is never above what
+//               EPLB's rules give on the same loads. With topology_aware, a node step:
+//               * routing limited to groups (model.n_group > 1, topk_group below it)
+//                 and a group count that the node count divides: whole groups on nodes
+//                 (group_placement.h), EPLB's hierarchical layout improved;
+//               * otherwise the GPUs' contents are permuted across nodes to balance node
+//                 load (node_assignment.h), keeping the per-GPU balance exactly;
+//               * with co-activation samples: slot swaps between nodes that lower the
+//                 busiest node's copies, no GPU rising above the GPU maximum, from the
+//                 layout as it is and (up to 512 slots a layer) from one where experts
+//                 chosen together were gathered first, the better of the two
+//                 (link_search.h); where groups are kept on nodes, the group-free plan
+//                 replaces the grouped one when it is no worse in both maxima.
+//               Searches are local: lower, not optimal. Layers are planned in parallel.
+//   kGreedy     EPLB's global policy as published: its replica counts and packing (two
+//               replicas of an expert may share a GPU), no swaps, no node step.
 //   kSequential the seeds' layout: expert slots numbered layer by layer
 //               (slot s = moe_ordinal * E + e) and placed on GPU s mod G, the dense layers
 //               continuing the count after the last expert; no replicas. On 488 x 8 GPUs
@@ -47,18 +55,21 @@
 //
 // Re-planning (kBalanced, a layer's LayerStats with previous_gpus / previous_phy2log): the
 // GPU of every slot matters now (moving a slot means copying expert weights), so the plan
-// starts from the previous slots and changes as few as it can:
+// starts from the previous slots and changes as few as it can (replan.h):
 //   1. forced changes: replicas no longer needed are dropped (free), a GPU whose capacity
 //      shrank sheds slots, and GPUs with room are filled, each new slot on the lightest GPU
 //      with room that lacks the expert, the most loaded expert per replica first;
-//   2. optional changes, at most max_moves of them: a replica of the expert with the least
-//      load per replica (after the change) becomes one of the expert with the most, while
-//      that lowers the largest load per replica (the replica counts converge on those of a
-//      fresh plan; the new replica takes the lightest GPU among the donor's); then slot swaps
-//      between the heaviest GPU and any other while each lowers the heaviest GPU's load (the
-//      best first, then the cheapest). Greedy: a larger budget is not always better.
+//   2. optional changes: a replica of the expert with the least load per replica (after the
+//      change) becomes one of the expert with the most, while that lowers the largest load
+//      per replica; slot swaps between the heaviest GPU and any other while each lowers the
+//      heaviest GPU's load (the best first, then the cheapest); with topology_aware, the
+//      node step: slot swaps between nodes that lower the busiest node's copies (from the
+//      samples, or its load) without raising the GPU maximum.
+//   3. of all the states step 2 passed through, the one whose optional moves fit max_moves
+//      with the lowest GPU maximum, then the lowest link load, then the fewest moves. The
+//      search never looks at the budget, so a larger budget never gives a worse plan.
 // A move is a (GPU, expert) pair the previous placement lacked: one expert's weights to
-// copy. The node step (which permutes whole GPUs) is skipped: it would move every slot.
+// copy.
 //
 // Memory: a GPU holds bytes_per_expert for each slot it hosts (summed over layers) and
 // dense_layer_bytes for each dense layer it runs (kBalanced / kGreedy: every GPU runs every
@@ -86,8 +97,19 @@ struct PlacementModel {
   int top_k = 2;
   double bytes_per_expert = 0.0;
   double dense_layer_bytes = 0.0;  // FFN weights of one dense layer
+  // Group-limited routing (DeepSeek-V3: 8 groups, a token's experts from 4 of them). Expert
+  // e is in group expert_group[e], or with expert_group empty in group e / (E / n_group)
+  // (E a multiple of n_group). topk_group: the groups a token may use (0: unknown, taken
+  // as limited). n_group == 1: no groups.
+  int n_group = 1;
+  int topk_group = 0;
+  std::vector<int> expert_group;
 
-  std::vector<int> moe_layers() const;  // the other layer indices, ascending
+  std::vector<int> moe_layers() const;       // the other layer indices, ascending
+  std::vector<int> group_of_expert() const;  // the group of every expert
+  bool routing_limited_to_groups() const {
+    return n_group > 1 && (topk_group == 0 || topk_group < n_group);
+  }
   void validate() const;
 };
 
@@ -105,8 +127,8 @@ enum class Policy { kBalanced, kGreedy, kSequential };
 
 struct PlanOptions {
   Policy policy = Policy::kBalanced;
-  // Replicas per MoE layer beyond E; -1: as many as memory allows, up to one slot per GPU
-  // (E <= G) or floor(E / G) + 1 slots per GPU (E > G).
+  // Replicas per MoE layer beyond E (two of an expert may share a GPU); -1: as many as memory
+  // allows, up to one slot per GPU (E <= G) or floor(E / G) + 1 slots per GPU (E > G).
   int redundant_experts = -1;
   double memory_reserve_bytes = 0.0;
   bool topology_aware = true;  // kBalanced only

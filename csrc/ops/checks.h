@@ -6,6 +6,9 @@
 
 #include <string_view>
 #include <utility>
+#include <vector>
+
+#include "ops/host_reads.h"
 
 namespace moe_ep::ops {
 
@@ -41,11 +44,11 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, std::s
               " but '", ref_name, "' is on ", ref.device());
 }
 
-// (min, max) of a non-empty integer tensor, read on the host (one device-to-host copy on CUDA).
+// (min, max) of a non-empty integer tensor, read on the host (one counted host read).
 inline std::pair<int64_t, int64_t> value_range(const at::Tensor& t) {
   const auto [low, high] = at::aminmax(t);
-  const at::Tensor bounds = at::stack({low, high}).to(at::kCPU, at::kLong);
-  return {bounds[0].item<int64_t>(), bounds[1].item<int64_t>()};
+  const std::vector<int64_t> bounds = read_to_host(at::stack({low, high}));
+  return {bounds[0], bounds[1]};
 }
 
 }  // namespace moe_ep::ops

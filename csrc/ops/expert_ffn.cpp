@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "ops/checks.h"
+#include "ops/host_reads.h"
 
 namespace moe_ep::ops {
 
@@ -29,20 +30,28 @@ Activation check_expert_ffn_args(const at::Tensor& x, const at::Tensor& expert_o
   check_dim(expert_offsets, 1, "expert_offsets");
   check_dtype(expert_offsets, at::kLong, "expert_offsets");
   check_size(expert_offsets, 0, num_experts + 1, "expert_offsets");
+  TORCH_CHECK(expert_offsets.is_cpu() || expert_offsets.device() == x.device(),
+              "moe_ep: argument 'expert_offsets' must be on the CPU or on x's device (", x.device(),
+              "), got ", expert_offsets.device());
   TORCH_CHECK(activation == "silu" || activation == "gelu",
               "moe_ep: argument 'activation' must be \"silu\" or \"gelu\", got \"", activation,
               "\"");
   return activation == "silu" ? Activation::kSiluAndMul : Activation::kGeluAndMul;
 }
 
-std::vector<int64_t> checked_offsets(const at::Tensor& host_offsets, int64_t num_rows) {
-  const at::Tensor offsets = host_offsets.contiguous();
-  const int64_t* p = offsets.data_ptr<int64_t>();
-  std::vector<int64_t> values(p, p + offsets.numel());
+std::vector<int64_t> checked_host_offsets(const at::Tensor& expert_offsets, int64_t num_rows) {
+  std::vector<int64_t> values;
+  if (expert_offsets.is_cpu()) {
+    const at::Tensor offsets = expert_offsets.contiguous();
+    values.assign(offsets.const_data_ptr<int64_t>(),
+                  offsets.const_data_ptr<int64_t>() + offsets.numel());
+  } else {
+    values = read_to_host(expert_offsets);
+  }
   TORCH_CHECK(values.front() == 0, "moe_ep: argument 'expert_offsets' must start at 0, got ",
               values.front());
-  TORCH_CHECK(values.back() == num_rows, "moe_ep: argument 'expert_offsets' must end at the ",
-              "number of rows of 'x' (", num_rows, "), got ", values.back());
+  TORCH_CHECK(values.back() <= num_rows, "moe_ep: argument 'expert_offsets' must end at most at ",
+              "the number of rows of 'x' (", num_rows, "), got ", values.back());
   for (size_t e = 0; e + 1 < values.size(); ++e) {
     TORCH_CHECK(values[e] <= values[e + 1], "moe_ep: argument 'expert_offsets' must be ",
                 "non-decreasing, got ", values[e], " then ", values[e + 1], " at expert ", e);
@@ -62,11 +71,13 @@ at::Tensor gated_activation(const at::Tensor& gate_up, Activation activation) {
   return (activated * up).to(gate_up.scalar_type());
 }
 
+// The offsets of a CPU x are CPU tensors, read here for free: always validated, whatever
+// check_offsets says. Rows from offsets[E] on are left as allocated.
 at::Tensor expert_ffn_cpu(const at::Tensor& x, const at::Tensor& expert_offsets,
-                          const at::Tensor& w13, const at::Tensor& w2,
-                          std::string_view activation) {
+                          const at::Tensor& w13, const at::Tensor& w2, std::string_view activation,
+                          bool /*check_offsets*/) {
   const Activation act = check_expert_ffn_args(x, expert_offsets, w13, w2, activation);
-  const std::vector<int64_t> offsets = checked_offsets(expert_offsets, x.size(0));
+  const std::vector<int64_t> offsets = checked_host_offsets(expert_offsets, x.size(0));
   at::NoGradGuard no_grad;  // forward-only op: mm_out refuses inputs that require grad
   at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());
   for (int64_t e = 0; e + 1 < static_cast<int64_t>(offsets.size()); ++e) {

@@ -5,7 +5,8 @@
 // Starting every dispatch before any expert matters twice. On CUDA, c10d orders a NCCL
 // collective after the work already queued on the current stream, so a dispatch issued after
 // an expert GEMM would wait for it; and the counts of all chunks reach the host in one read
-// instead of one per chunk. The experts and the combines go through the dispatcher, so
+// instead of one per chunk (the header is the layer's one host read). The experts and the
+// combines go through the dispatcher, so
 // CPU/Gloo and CUDA/NCCL take the same path. moe_ep.pipeline has the same schedule in Python
 // for what an op cannot take: a caller's hook, fixed-capacity fallback, layer streams.
 #include <ATen/ATen.h>
@@ -27,7 +28,7 @@ struct Ops {
                                     int64_t)>
       dispatch_finish;
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      const at::Tensor&, std::string_view)>
+                                      const at::Tensor&, std::string_view, bool)>
       expert_ffn;
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const at::Tensor&, const at::Tensor&, std::string_view)>
@@ -44,7 +45,7 @@ const Ops& ops() {
             .typed<Tensors4(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>(),
         find("moe_ep::expert_ffn")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const at::Tensor&, std::string_view)>(),
+                              const at::Tensor&, std::string_view, bool)>(),
         find("moe_ep::combine_start")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, std::string_view)>(),
@@ -60,21 +61,26 @@ at::Tensor moe_forward_impl(const at::Tensor& x, const at::Tensor& topk_ids,
                             const at::Tensor& w13, const at::Tensor& w2,
                             std::string_view activation, int64_t num_chunks,
                             std::string_view group_name) {
-  check_dim(w13, 3, "w13");
-  TORCH_CHECK(w13.size(0) <= num_local_experts, "moe_ep: argument 'w13' holds ", w13.size(0),
-              " experts, more than num_local_experts=", num_local_experts);
+  // The weights are checked before the dispatch's header exchange and travel in it: a bad
+  // w13 on one rank raises on every rank.
+  ArgProblem problem;
+  validate(problem, Arg::kW13, [&] {
+    check_dim(w13, 3, "w13");
+    TORCH_CHECK(w13.size(0) <= num_local_experts, "moe_ep: argument 'w13' holds ", w13.size(0),
+                " experts, more than num_local_experts=", num_local_experts);
+  });
   const Ops& op = ops();
   const std::vector<DispatchStarted> started =
       dispatch_start_chunks(x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts,
-                            num_chunks, group_name);
+                            num_chunks, group_name, std::move(problem));
   std::vector<at::Tensor> returning;
   returning.reserve(num_chunks);
   for (const auto& [x_recv, meta_recv, recv_counts, send_counts, token_slot, entries] : started) {
     const auto [x_sorted, offsets, recv_row_of, recv_weights] =
         op.dispatch_finish.call(x_recv, meta_recv, entries, num_local_experts);
     // A rank with fewer experts than the widest one ignores the empty trailing groups.
-    const at::Tensor y =
-        op.expert_ffn.call(x_sorted, offsets.narrow(0, 0, w13.size(0) + 1), w13, w2, activation);
+    const at::Tensor y = op.expert_ffn.call(x_sorted, offsets.narrow(0, 0, w13.size(0) + 1), w13,
+                                            w2, activation, /*check_offsets=*/false);
     returning.push_back(
         op.combine_start.call(y, recv_row_of, recv_weights, recv_counts, send_counts, group_name));
   }

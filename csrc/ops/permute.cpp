@@ -2,14 +2,14 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
-#include <cstring>
-#include <stdexcept>
 #include <vector>
 
-#include "core/layout.h"
 #include "ops/checks.h"
+#include "ops/host_reads.h"
+#include "ops/layout_kernels.h"
 
 namespace moe_ep::ops {
 
@@ -25,6 +25,8 @@ at::Tensor checked_permute_ids(const at::Tensor& hidden, const at::Tensor& topk_
               "moe_ep: argument 'num_experts' must be >= 1, got ", num_experts);
   TORCH_CHECK(topk_ids.numel() <= std::numeric_limits<int32_t>::max(),
               "moe_ep: argument 'topk_ids' has more than 2^31-1 entries");
+  TORCH_CHECK(!topk_ids.is_cuda() || num_experts <= kMaxCudaSortKeys, "moe_ep: argument ",
+              "'num_experts' must be <= ", kMaxCudaSortKeys, " on CUDA, got ", num_experts);
   return topk_ids.to(at::kInt).contiguous();
 }
 
@@ -50,33 +52,21 @@ void check_unpermute_args(const at::Tensor& expert_out, const at::Tensor& row_of
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& hidden,
-                                                           const at::Tensor& topk_ids,
-                                                           int64_t num_experts) {
+// One implementation for both devices: the layout kernels (csrc/ops/layout_kernels.h) run the
+// stable counting sort and the row scatter on the ids' device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_impl(const at::Tensor& hidden,
+                                                            const at::Tensor& topk_ids,
+                                                            int64_t num_experts, bool check_ids) {
   const at::Tensor ids = checked_permute_ids(hidden, topk_ids, num_experts);
-  const at::Tensor input = hidden.contiguous();
-  const int64_t num_tokens = input.size(0), top_k = ids.size(1), width = input.size(1);
-  at::Tensor offsets = at::empty({num_experts + 1}, ids.options().dtype(at::kLong));
-  at::Tensor row_of = at::empty({num_tokens, top_k}, ids.options());
-  try {
-    core::stable_counting_sort(ids.data_ptr<int32_t>(), ids.numel(),
-                               static_cast<int32_t>(num_experts), offsets.data_ptr<int64_t>(),
-                               row_of.data_ptr<int32_t>());
-  } catch (const std::out_of_range& e) {
-    TORCH_CHECK(false, "moe_ep: argument 'topk_ids' holds an expert id outside [0, num_experts=",
-                num_experts, "): ", e.what());
+  const c10::DeviceGuard device_guard(hidden.device());
+  const Grouping grouping = group_by_key(ids, ids.size(1), num_experts, check_ids);
+  if (check_ids) {
+    const int64_t invalid = read_to_host(grouping.skipped).front();
+    TORCH_CHECK(invalid == 0, "moe_ep: argument 'topk_ids' holds ", invalid,
+                " expert id(s) outside [0, num_experts=", num_experts, ")");
   }
-  at::Tensor permuted = at::empty({ids.numel(), width}, input.options());
-  const auto* src = static_cast<const char*>(input.data_ptr());
-  auto* dst = static_cast<char*>(permuted.data_ptr());
-  const int32_t* rows = row_of.data_ptr<int32_t>();
-  const size_t row_bytes = width * input.element_size();
-  at::parallel_for(0, ids.numel(), 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      std::memcpy(dst + rows[i] * row_bytes, src + (i / top_k) * row_bytes, row_bytes);
-    }
-  });
-  return {permuted, offsets, row_of};
+  return {scatter_rows(hidden, grouping.position, ids.numel()), grouping.offsets,
+          grouping.position};
 }
 
 at::Tensor unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& row_of,
@@ -114,8 +104,10 @@ at::Tensor unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& row_of,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moe_ep, CPU, m) {
-  m.impl("permute", &permute_cpu);
+  m.impl("permute", &permute_impl);
   m.impl("unpermute", &unpermute_cpu);
 }
+
+TORCH_LIBRARY_IMPL(moe_ep, CUDA, m) { m.impl("permute", &permute_impl); }
 
 }  // namespace moe_ep::ops

@@ -5,7 +5,6 @@
 #include <cstdint>
 #include <numeric>
 #include <random>
-#include <stdexcept>
 #include <vector>
 
 #include "core/layout.h"
@@ -21,8 +20,9 @@ struct Sorted {
 Sorted counting_sort(const std::vector<int32_t>& keys, int32_t num_keys) {
   // Fill with sentinels so that an unwritten entry shows up in the comparisons.
   Sorted s{std::vector<int64_t>(num_keys + 1, -7), std::vector<int32_t>(keys.size(), -7)};
-  stable_counting_sort(keys.data(), static_cast<int64_t>(keys.size()), num_keys, s.offsets.data(),
-                       s.position.data());
+  const int64_t skipped = stable_counting_sort(keys.data(), static_cast<int64_t>(keys.size()), 1, 1,
+                                               num_keys, s.offsets.data(), s.position.data());
+  EXPECT_EQ(skipped, 0);
   return s;
 }
 
@@ -78,7 +78,7 @@ TEST(StableCountingSort, EmptyInput) {
   EXPECT_TRUE(s.position.empty());
   // Null pointers are fine when n == 0.
   std::vector<int64_t> offsets(4, -1);
-  stable_counting_sort(nullptr, 0, 3, offsets.data(), nullptr);
+  EXPECT_EQ(stable_counting_sort(nullptr, 0, 2, 2, 3, offsets.data(), nullptr), 0);
   EXPECT_EQ(offsets, (std::vector<int64_t>{0, 0, 0, 0}));
 }
 
@@ -103,23 +103,51 @@ TEST(StableCountingSort, KeysThatNeverAppearHaveEmptyRanges) {
   expect_matches_stable_sort(keys, 7);
 }
 
-TEST(StableCountingSort, OutOfRangeKeyThrows) {
-  std::vector<int64_t> offsets(5);
-  std::vector<int32_t> position(3);
+TEST(StableCountingSort, OutOfRangeKeysAreSkippedAndCounted) {
+  // -1 marks padding (a metadata slot without a choice); other bad keys are skipped alike.
   for (int32_t bad : {-1, 4, 1000, INT32_MIN}) {
-    const std::vector<int32_t> keys = {0, bad, 2};
-    EXPECT_THROW(stable_counting_sort(keys.data(), 3, 4, offsets.data(), position.data()),
-                 std::out_of_range)
+    const std::vector<int32_t> keys = {2, bad, 0, 2, bad};
+    std::vector<int64_t> offsets(5, -7);
+    std::vector<int32_t> position(5, -7);
+    EXPECT_EQ(stable_counting_sort(keys.data(), 5, 1, 1, 4, offsets.data(), position.data()), 2)
         << "key " << bad;
+    EXPECT_EQ(offsets, (std::vector<int64_t>{0, 1, 1, 3, 3}));
+    EXPECT_EQ(position, (std::vector<int32_t>{1, -1, 0, 2, -1}));
   }
-  // The message names the key, its position and the range.
-  const std::vector<int32_t> keys = {1, 2, 9};
-  try {
-    stable_counting_sort(keys.data(), 3, 4, offsets.data(), position.data());
-    FAIL() << "expected std::out_of_range";
-  } catch (const std::out_of_range& e) {
-    EXPECT_STREQ(e.what(), "key 9 at position 2 is outside [0, 4)");
+}
+
+TEST(StableCountingSort, StridedKeysSortTheFirstWidthColumns) {
+  // A table of rows x row_stride with the keys in its first `width` columns (the local expert
+  // ids of received metadata rows, followed by other fields): only those columns are items.
+  std::mt19937 gen(11);
+  const int64_t rows = 300;
+  const int32_t width = 3, stride = 7, num_keys = 5;
+  std::uniform_int_distribution<int32_t> key(-1, num_keys - 1), other(100, 200);
+  std::vector<int32_t> table(rows * stride);
+  std::vector<int32_t> items;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int32_t c = 0; c < stride; ++c) {
+      table[r * stride + c] = c < width ? key(gen) : other(gen);
+      if (c < width) items.push_back(table[r * stride + c]);
+    }
   }
+  // Expected: items key by key, in input order within a key; padding last and unplaced.
+  std::vector<int64_t> want_offsets(num_keys + 1, 0);
+  std::vector<int32_t> want_position(items.size(), -1);
+  int32_t next = 0;
+  for (int32_t k = 0; k < num_keys; ++k) {
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (items[i] == k) want_position[i] = next++;
+    }
+    want_offsets[k + 1] = next;
+  }
+  std::vector<int64_t> offsets(num_keys + 1);
+  std::vector<int32_t> position(items.size());
+  const int64_t skipped = stable_counting_sort(table.data(), rows, width, stride, num_keys,
+                                               offsets.data(), position.data());
+  EXPECT_EQ(skipped, std::count(items.begin(), items.end(), -1));
+  EXPECT_EQ(offsets, want_offsets);
+  EXPECT_EQ(position, want_position);
 }
 
 }  // namespace

@@ -8,72 +8,18 @@
 #include <set>
 #include <string>
 
+#include "core/tests/placement_test_util.h"
+
 namespace moe_ep::core {
 namespace {
 
-constexpr double kExpertBytes = 3.0 * 7168 * 2048 * 2;  // gated BF16 expert
+using namespace testing;
 
 PlacementModel seeds_model() {
   PlacementModel model;
   model.bytes_per_expert = gated_ffn_bytes(7168, 2048, 2);
   model.dense_layer_bytes = gated_ffn_bytes(7168, 2048, 2);
   return model;
-}
-
-ClusterSpec make_cluster(int nodes, int gpus_per_node, double memory = 80e9) {
-  ClusterSpec cluster;
-  cluster.num_nodes = nodes;
-  cluster.gpus_per_node = gpus_per_node;
-  cluster.gpu_memory_bytes = memory;
-  return cluster;
-}
-
-std::vector<double> zipf(int experts, double skew, int shift) {
-  std::vector<double> load(experts);
-  for (int e = 0; e < experts; ++e) {
-    load[(e * 7 + shift) % experts] = 1000.0 / std::pow(e + 1.0, skew);
-  }
-  return load;
-}
-
-std::vector<LayerStats> zipf_stats(int layers, int experts, double skew) {
-  std::vector<LayerStats> stats(layers);
-  for (int l = 0; l < layers; ++l) stats[l].expert_load = zipf(experts, skew, l);
-  return stats;
-}
-
-PlacementModel small_model(int layers, int experts, int top_k = 2) {
-  PlacementModel model;
-  model.num_layers = layers + 1;
-  model.dense_layers = {0};
-  model.experts_per_layer = experts;
-  model.top_k = top_k;
-  model.bytes_per_expert = kExpertBytes;
-  model.dense_layer_bytes = 1e9;
-  return model;
-}
-
-void expect_consistent(const LayerPlacement& layer, int num_gpus, int experts) {
-  ASSERT_EQ(layer.phy2log.size(), layer.gpus.size());
-  ASSERT_EQ(static_cast<int>(layer.log2phy.size()), experts);
-  int total = 0;
-  for (int e = 0; e < experts; ++e) {
-    EXPECT_GE(layer.replica_count[e], 1) << "expert " << e;
-    EXPECT_EQ(static_cast<int>(layer.log2phy[e].size()), layer.replica_count[e]);
-    std::set<int> gpus;
-    for (int slot : layer.log2phy[e]) {
-      EXPECT_EQ(layer.phy2log[slot], e);
-      gpus.insert(layer.gpus[slot]);
-    }
-    EXPECT_EQ(gpus.size(), layer.log2phy[e].size()) << "two replicas of one expert on a GPU";
-    total += layer.replica_count[e];
-  }
-  EXPECT_EQ(total, static_cast<int>(layer.phy2log.size()));
-  for (size_t s = 0; s < layer.gpus.size(); ++s) {
-    EXPECT_GE(layer.gpus[s], 0);
-    EXPECT_LT(layer.gpus[s], num_gpus);
-    if (s > 0) EXPECT_LE(layer.gpus[s - 1], layer.gpus[s]) << "slots are ordered by GPU";
-  }
 }
 
 TEST(Placement, GatedFfnBytes) {
@@ -245,139 +191,15 @@ TEST(Placement, Deterministic) {
   EXPECT_EQ(a.gpu_memory_used, b.gpu_memory_used);
 }
 
-// Re-planning: stats whose previous placement is `before` (layers 1..n of a plan).
-std::vector<LayerStats> replan_stats(const Placement& before, std::vector<LayerStats> stats) {
-  for (size_t i = 0; i < stats.size(); ++i) {
-    stats[i].previous_gpus = before.layers[i + 1].gpus;
-    stats[i].previous_phy2log = before.layers[i + 1].phy2log;
-  }
-  return stats;
-}
-
-// (GPU, expert) pairs of `after` that `before` lacks.
-int count_moves(const LayerPlacement& before, const LayerPlacement& after) {
-  std::set<std::pair<int, int>> old;
-  for (size_t s = 0; s < before.gpus.size(); ++s) old.emplace(before.gpus[s], before.phy2log[s]);
-  int moves = 0;
-  for (size_t s = 0; s < after.gpus.size(); ++s) {
-    moves += old.count({after.gpus[s], after.phy2log[s]}) ? 0 : 1;
-  }
-  return moves;
-}
-
-TEST(Replan, MovesStayWithinTheBudgetAndKeepTheInvariants) {
-  // Several slots per GPU (64 experts, 8 GPUs) and one slot per GPU (64 experts, 96 GPUs).
-  for (const ClusterSpec& cluster : {make_cluster(1, 8), make_cluster(12, 8)}) {
-    const PlacementModel model = small_model(2, 64);
-    const Placement before = plan_placement(model, cluster, zipf_stats(2, 64, 1.2), {});
-    auto shifted = zipf_stats(2, 64, 1.2);
-    for (auto& layer : shifted)
-      std::rotate(layer.expert_load.begin(), layer.expert_load.begin() + 5,
-                  layer.expert_load.end());
-    const Placement fresh = plan_placement(model, cluster, shifted, {});
-    const auto stats = replan_stats(before, shifted);
-    double kept_max = 0;
-    for (int budget : {0, 2, 4, 8, 16, 64, -1}) {
-      PlanOptions options;
-      options.max_moves = budget;
-      const Placement after = plan_placement(model, cluster, stats, options);
-      EXPECT_EQ(after.gpu_memory_used, fresh.gpu_memory_used) << "same slots per GPU";
-      double max_load = 0;
-      for (int l = 1; l <= 2; ++l) {
-        const LayerPlacement& layer = after.layers[l];
-        expect_consistent(layer, cluster.num_gpus(), 64);
-        EXPECT_EQ(layer.moves, count_moves(before.layers[l], layer));
-        if (budget >= 0) EXPECT_LE(layer.moves, budget);
-        if (cluster.num_gpus() >= 64) {
-          EXPECT_EQ(std::set<int>(layer.gpus.begin(), layer.gpus.end()).size(), layer.gpus.size());
-        }
-        max_load = std::max(max_load, layer.metrics.max_gpu_load);
-      }
-      // Greedy: a larger budget is not always better, but moving beats keeping the placement.
-      if (budget == 0) kept_max = max_load;
-      EXPECT_LT(max_load, kept_max * (1 + 1e-12)) << budget;
-      if (budget == -1) {
-        for (int l = 1; l <= 2; ++l) {
-          EXPECT_LE(after.layers[l].metrics.max_gpu_load,
-                    fresh.layers[l].metrics.max_gpu_load * 1.02);
-          EXPECT_LT(after.layers[l].moves, count_moves(before.layers[l], fresh.layers[l]));
-        }
-      }
-    }
-  }
-}
-
-TEST(Replan, NoMovesWhenThePreviousPlacementIsAlreadyOptimal) {
-  for (const ClusterSpec& cluster : {make_cluster(1, 8), make_cluster(12, 8)}) {
-    const PlacementModel model = small_model(2, 64);
-    const auto stats = zipf_stats(2, 64, 1.0);
-    const Placement before = plan_placement(model, cluster, stats, {});
-    const Placement after = plan_placement(model, cluster, replan_stats(before, stats), {});
-    for (int l = 1; l <= 2; ++l) {
-      EXPECT_EQ(after.layers[l].moves, 0);
-      EXPECT_EQ(after.layers[l].gpus, before.layers[l].gpus);
-      EXPECT_EQ(after.layers[l].phy2log, before.layers[l].phy2log);
-    }
-  }
-}
-
-TEST(Replan, MoreSlotsForceOneMoveEach) {
-  // From 64 experts without replicas (8 per GPU, contiguous) to 72 slots: the 8 new slots
-  // are copies whatever the budget, and they go to the hottest experts.
-  const PlacementModel model = small_model(1, 64);
-  const ClusterSpec cluster = make_cluster(1, 8);
-  auto stats = zipf_stats(1, 64, 1.5);
-  for (int e = 0; e < 64; ++e) {
-    stats[0].previous_gpus.push_back(e / 8);
-    stats[0].previous_phy2log.push_back(e);
-  }
-  PlanOptions none;
-  none.max_moves = 0;
-  const LayerPlacement forced = plan_placement(model, cluster, stats, none).layers[1];
-  expect_consistent(forced, 8, 64);
-  EXPECT_EQ(forced.moves, 8);
-  EXPECT_EQ(forced.phy2log.size(), 72u);
-  const LayerPlacement free = plan_placement(model, cluster, stats, {}).layers[1];
-  expect_consistent(free, 8, 64);
-  EXPECT_GT(free.moves, 8);
-  EXPECT_LT(free.metrics.max_gpu_load, forced.metrics.max_gpu_load);
-  const LayerPlacement fresh = plan_placement(model, cluster, zipf_stats(1, 64, 1.5), {}).layers[1];
-  EXPECT_LE(free.metrics.max_gpu_load, fresh.metrics.max_gpu_load * 1.02);
-}
-
-TEST(Replan, Deterministic) {
-  const PlacementModel model = small_model(2, 64);
-  const ClusterSpec cluster = make_cluster(2, 8);
-  const Placement before = plan_placement(model, cluster, zipf_stats(2, 64, 0.8), {});
-  const auto stats = replan_stats(before, zipf_stats(2, 64, 1.4));
-  PlanOptions options;
-  options.max_moves = 10;
-  const Placement a = plan_placement(model, cluster, stats, options);
-  const Placement b = plan_placement(model, cluster, stats, options);
-  for (int l = 1; l <= 2; ++l) {
-    EXPECT_EQ(a.layers[l].gpus, b.layers[l].gpus);
-    EXPECT_EQ(a.layers[l].phy2log, b.layers[l].phy2log);
-    EXPECT_EQ(a.layers[l].moves, b.layers[l].moves);
-  }
-}
-
-void expect_error(const PlacementModel& model, const ClusterSpec& cluster,
-                  const std::vector<LayerStats>& stats, const PlanOptions& options,
-                  const std::string& field) {
-  try {
-    plan_placement(model, cluster, stats, options);
-    FAIL() << "expected an error naming " << field;
-  } catch (const std::invalid_argument& error) {
-    EXPECT_NE(std::string(error.what()).find(field), std::string::npos) << error.what();
-  }
-}
-
 TEST(Placement, BadConfigurationsNameTheField) {
   const PlacementModel model = small_model(2, 64);
   const ClusterSpec cluster = make_cluster(10, 8);
   PlanOptions too_many;
-  too_many.redundant_experts = 17;  // 81 slots on 80 GPUs
+  too_many.redundant_experts = 100000;  // 2 x 100064 / 80 slots per GPU do not fit 80 GB
   expect_error(model, cluster, {}, too_many, "redundant_experts");
+  PlanOptions negative;
+  negative.redundant_experts = -2;
+  expect_error(model, cluster, {}, negative, "redundant_experts");
 
   ClusterSpec tiny = make_cluster(10, 8, 50e6);
   expect_error(model, tiny, {}, {}, "model.bytes_per_expert");
@@ -406,28 +228,20 @@ TEST(Placement, BadConfigurationsNameTheField) {
   ClusterSpec no_nodes = cluster;
   no_nodes.num_nodes = 0;
   expect_error(model, no_nodes, {}, {}, "num_nodes");
-}
 
-TEST(Replan, BadPreviousPlacementsNameTheField) {
-  const PlacementModel model = small_model(1, 4);
-  const ClusterSpec cluster = make_cluster(1, 4);
-  auto with = [](std::vector<int> gpus, std::vector<int> experts) {
-    std::vector<LayerStats> stats(1);
-    stats[0].previous_gpus = std::move(gpus);
-    stats[0].previous_phy2log = std::move(experts);
-    return stats;
-  };
-  expect_error(model, cluster, with({0, 1, 2}, {0, 1, 2, 3}), {}, "stats[0].previous_gpus");
-  expect_error(model, cluster, with({0, 1, 2, 4}, {0, 1, 2, 3}), {}, "stats[0].previous_gpus");
-  expect_error(model, cluster, with({0, 1, 2, 3}, {0, 1, 2, 4}), {}, "stats[0].previous_phy2log");
-  expect_error(model, cluster, with({0, 0, 2, 3}, {1, 1, 2, 3}), {}, "stats[0].previous_gpus");
-  expect_error(model, cluster, with({0, 1, 2, 3}, {0, 1, 2, 2}), {}, "stats[0].previous_phy2log");
-  PlanOptions greedy;
-  greedy.policy = Policy::kGreedy;
-  expect_error(model, cluster, with({0, 1, 2, 3}, {0, 1, 2, 3}), greedy, "stats[0].previous_gpus");
-  PlanOptions negative;
-  negative.max_moves = -2;
-  expect_error(model, cluster, {}, negative, "max_moves");
+  PlacementModel groups = model;
+  groups.n_group = 5;  // does not divide 64 experts
+  expect_error(groups, cluster, {}, {}, "model.n_group");
+  groups.n_group = 8;
+  groups.topk_group = 9;
+  expect_error(groups, cluster, {}, {}, "model.topk_group");
+  groups.topk_group = 4;
+  groups.expert_group.assign(63, 0);
+  expect_error(groups, cluster, {}, {}, "model.expert_group");
+  groups.expert_group.assign(64, 0);  // groups 1..7 empty
+  expect_error(groups, cluster, {}, {}, "model.expert_group");
+  groups.expert_group[5] = 8;
+  expect_error(groups, cluster, {}, {}, "model.expert_group");
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // expert_ffn building blocks: the fused gated activation and a row-major GEMM over cuBLAS,
 // one problem per call or a group of problems in one grouped call.
+#include <algorithm>
 #include <vector>
 
 #include "ops/kernels/dtype.cuh"
@@ -8,6 +9,8 @@ namespace moe_ep::kernels {
 namespace {
 
 constexpr int kActivationThreads = 256;
+// Enough blocks to fill a Hopper GPU a few times over; more rows loop in each block.
+constexpr int64_t kMaxActivationBlocks = 2048;
 
 template <Activation kAct>
 __device__ __forceinline__ float activate(float x) {
@@ -18,22 +21,27 @@ __device__ __forceinline__ float activate(float x) {
   }
 }
 
-// One block row-strip per input row; N-element packs along the FFN dimension.
+// Block-strided rows; N-element packs along the FFN dimension. Rows from the device bound on
+// (the real row count of a fixed-size buffer) are skipped without being read.
 template <typename T, int N, Activation kAct>
-__global__ void gated_activation_kernel(const T* __restrict__ gate_up, int64_t ffn,
+__global__ void gated_activation_kernel(const T* __restrict__ gate_up, int64_t rows, int64_t ffn,
+                                        const int64_t* __restrict__ row_bound,
                                         T* __restrict__ out) {
   using P = Pack<T, N>;
-  const int64_t r = blockIdx.x;
-  const P* gate = reinterpret_cast<const P*>(gate_up + r * 2 * ffn);
-  const P* up = reinterpret_cast<const P*>(gate_up + r * 2 * ffn + ffn);
-  P* dst = reinterpret_cast<P*>(out + r * ffn);
-  for (int64_t p = threadIdx.x; p < ffn / N; p += blockDim.x) {
-    const P g = gate[p], u = up[p];
-    P y;
+  const int64_t bound = row_bound == nullptr ? rows : *row_bound;
+  const int64_t end = bound < rows ? bound : rows;
+  for (int64_t r = blockIdx.x; r < end; r += gridDim.x) {
+    const P* gate = reinterpret_cast<const P*>(gate_up + r * 2 * ffn);
+    const P* up = reinterpret_cast<const P*>(gate_up + r * 2 * ffn + ffn);
+    P* dst = reinterpret_cast<P*>(out + r * ffn);
+    for (int64_t p = threadIdx.x; p < ffn / N; p += blockDim.x) {
+      const P g = gate[p], u = up[p];
+      P y;
 #pragma unroll
-    for (int i = 0; i < N; ++i)
-      y.v[i] = from_float<T>(activate<kAct>(to_float(g.v[i])) * to_float(u.v[i]));
-    dst[p] = y;
+      for (int i = 0; i < N; ++i)
+        y.v[i] = from_float<T>(activate<kAct>(to_float(g.v[i])) * to_float(u.v[i]));
+      dst[p] = y;
+    }
   }
 }
 
@@ -51,7 +59,8 @@ cudaDataType_t cuda_type(DType dtype) {
 }  // namespace
 
 cudaError_t launch_gated_activation(const void* gate_up, DType dtype, int64_t rows, int64_t ffn,
-                                    Activation activation, void* out, cudaStream_t stream) {
+                                    Activation activation, const int64_t* row_bound, void* out,
+                                    cudaStream_t stream) {
   if (rows == 0 || ffn == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto zero) {
     using T = decltype(zero);
@@ -62,15 +71,15 @@ cudaError_t launch_gated_activation(const void* gate_up, DType dtype, int64_t ro
       if constexpr (N * sizeof(T) > 16) {
         return cudaErrorInvalidValue;  // never chosen by pack_width
       } else {
-        const auto blocks = static_cast<unsigned>(rows);
+        const auto blocks = static_cast<unsigned>(std::min(rows, kMaxActivationBlocks));
         const auto* src = static_cast<const T*>(gate_up);
         auto* dst = static_cast<T*>(out);
         if (activation == Activation::kSiluAndMul) {
           gated_activation_kernel<T, N, Activation::kSiluAndMul>
-              <<<blocks, kActivationThreads, 0, stream>>>(src, ffn, dst);
+              <<<blocks, kActivationThreads, 0, stream>>>(src, rows, ffn, row_bound, dst);
         } else {
           gated_activation_kernel<T, N, Activation::kGeluAndMul>
-              <<<blocks, kActivationThreads, 0, stream>>>(src, ffn, dst);
+              <<<blocks, kActivationThreads, 0, stream>>>(src, rows, ffn, row_bound, dst);
         }
         return cudaGetLastError();
       }
