@@ -25,7 +25,7 @@ def op_schemas() -> list[str]:
 
 
 def command_lines() -> list[tuple[str, str]]:
-    """(module, first line of its docstring) for each moe_ep module that runs as a script."""
+    """(module, first paragraph of its docstring) for each moe_ep module that runs as a script."""
     found = []
     for module in pkgutil.iter_modules(moe_ep.__path__):
         name = f"moe_ep.{module.name}"
@@ -35,7 +35,7 @@ def command_lines() -> list[tuple[str, str]]:
             source = f.read()
         if 'if __name__ == "__main__":' in source:
             doc = ast.get_docstring(ast.parse(source)) or ""
-            found.append((name, doc.split("\n")[0]))
+            found.append((name, " ".join(doc.split("\n\n")[0].split())))
     return found
 
 
