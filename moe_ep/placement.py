@@ -38,6 +38,7 @@ class ExpertPlacement:
             slots = torch.arange(self.num_slots, dtype=torch.int32, device=self.slot_rank.device)
             object.__setattr__(self, "log2phy", slots.view(-1, 1))
         self._validate()
+        self.slots_are_experts  # noqa: B018  (read now, with the validation's, not in a step)
 
     def _validate(self) -> None:
         slots = self.num_slots
@@ -144,6 +145,14 @@ class ExpertPlacement:
         return self.slot_local
 
     @cached_property
+    def slots_are_experts(self) -> bool:
+        """Slot e holds expert e for every e (the one-replica constructors' layout), so that
+        logical ids are slot ids. Computed when the placement is made (a host read on a CUDA
+        map, with those of its validation), so that no step reads it."""
+        identity = torch.arange(self.num_slots, device=self.log2phy.device).view(-1, 1)
+        return not self.has_replicas and bool(torch.equal(self.log2phy.long(), identity))
+
+    @cached_property
     def num_local_experts(self) -> int:
         """The most slots any rank hosts (the receive-side slot count). Computed once per
         placement: on a CUDA map it is a device-to-host read, and every dispatch needs it."""
@@ -197,7 +206,11 @@ def map_to_slots(topk_ids: torch.Tensor, placement: ExpertPlacement, rank: int) 
     hold identical weights, so the choice of replica never changes the math of the layer.
     """
     if not placement.has_replicas:
-        return topk_ids  # slot e is expert e
+        if placement.slots_are_experts:
+            return topk_ids  # slot e is expert e
+        # One slot per expert, numbered in another order (a plan's slots go by GPU).
+        slots = placement.log2phy[:, 0].to(topk_ids.device)[topk_ids.long()]
+        return slots.to(topk_ids.dtype)
     flat = topk_ids.reshape(-1).long()
     order = flat.argsort(stable=True)
     by_expert = flat[order]
