@@ -219,13 +219,9 @@ def main() -> None:
     element = torch.finfo(dtype).bits // 8
     tokens_list = args.tokens or ([128, 4096] if use_cuda else [128, 1024])
     placement = ExpertPlacement.contiguous(args.experts, world).to(device)
-    say = print if rank == 0 else (lambda *a, **k: None)
-    env = common.environment(device)
-    say(
-        f"# {env['device']} x {world} ranks ({dist.get_backend()}) | torch {env['torch']} | "
-        f"{args.dtype} | hidden {args.hidden} | {args.experts} experts | {env['date']}"
+    say, env = common.announce(
+        rank, world, device, f"{args.dtype} | hidden {args.hidden} | {args.experts} experts"
     )
-    say(f"# {env['command']}")
 
     rows = []
     for tokens in tokens_list:

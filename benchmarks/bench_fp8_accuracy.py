@@ -89,14 +89,13 @@ def main() -> None:
     args = parse_args()
     rank, world, device = common.init_distributed(args.cpu)
     dtype = common.DTYPES[args.dtype]
-    say = print if rank == 0 else (lambda *a, **k: None)
-    env = common.environment(device)
-    say(
-        f"# {env['device']} x {world} ranks ({dist.get_backend()}) | torch {env['torch']} | "
+    say, env = common.announce(
+        rank,
+        world,
+        device,
         f"{args.dtype} layer | hidden {args.hidden}, ffn {args.ffn}, {args.experts} experts, "
-        f"top-{args.topk}, {args.tokens} tokens per rank | {env['date']}"
+        f"top-{args.topk}, {args.tokens} tokens per rank",
     )
-    say(f"# {env['command']}")
 
     torch.manual_seed(0)  # all experts' weights, the same on every rank, on the CPU
     full = moe_ep.MoELayer(args.hidden, args.ffn, args.experts, args.topk, dtype=dtype)

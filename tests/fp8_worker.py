@@ -12,10 +12,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import RELATIVE_TOLERANCE, assert_close_relative, process_group  # noqa: E402
-from ep_worker import expect_error, max_over_ranks  # noqa: E402
+from ep_worker import expect_error, max_over_ranks, world_layer  # noqa: E402
 from hot_path_worker import HIDDEN, OP_BUDGET, make_layer  # noqa: E402
 
-import moe_ep  # noqa: E402
 from moe_ep import debug, dispatcher, reference  # noqa: E402
 from moe_ep.placement import ExpertPlacement  # noqa: E402
 
@@ -78,17 +77,16 @@ def check_fp8_layer(
         gate = torch.zeros_like(gate)
         gate[one_expert] = 1.0
     capacity = max(1, max_over_ranks(tokens)) if mode == "capacity" else None
-    layer = moe_ep.MoELayer(
-        hidden,
-        FFN,
+    layer = world_layer(
         experts,
         top_k,
-        dtype=dtype,
-        device=device,
-        group=dist.group.WORLD,
-        placement=placement,
-        dispatch_mode=mode,
-        capacity=capacity,
+        dtype,
+        device,
+        placement,
+        mode,
+        capacity,
+        hidden=hidden,
+        ffn=FFN,
         on_overflow="raise",
         dispatch_dtype=FP8,
     )
