@@ -52,6 +52,21 @@ def test_permute_dtypes_widths_and_skew(device, dtype, width):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_permute_one_choice_ids_with_any_strides(device, dtype):
+    """[T, 1] ids transposed from [1, T] (strides (1, T)): contiguous to PyTorch, with a
+    column stride of T."""
+    hidden = torch.randn(300, 16, device=device)
+    ids = torch.randint(0, 8, (1, 300), device=device, dtype=dtype).t()
+    assert ids.stride() == (1, 300)
+    permuted, offsets, row_of = ops.permute(hidden, ids, 8)
+    for got, want in zip(
+        (permuted, offsets, row_of), reference_permute(hidden, ids, 8), strict=True
+    ):
+        torch.testing.assert_close(got.cpu().to(want.dtype), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_permute_noncontiguous_hidden(device):
     base = torch.randn(64, 100, device=device)
     hidden = base[:, 10:90:2]
@@ -97,6 +112,8 @@ def test_permute_rejects_bad_arguments(device):
         ops.permute(hidden, ids + 8, 8)
     with pytest.raises(RuntimeError, match="'topk_ids'.*outside"):
         ops.permute(hidden, ids - 1, 8)
+    with pytest.raises(RuntimeError, match="'topk_ids'.*outside"):  # no wrap to expert 3
+        ops.permute(hidden, ids.long() + 2**32 + 3, 8)
     with pytest.raises(RuntimeError, match="'topk_ids'"):
         ops.permute(hidden, ids.float(), 8)
     with pytest.raises(RuntimeError, match="'topk_ids'"):

@@ -35,6 +35,12 @@ MapTensors map_tensors(const at::Tensor& expert_rank, const at::Tensor& expert_l
           std::min(top_k, num_local_experts)};
 }
 
+// The routing weights in the last `width` metadata columns, as float32 [rows, width]: always a
+// copy (the narrowed view of 0 or 1 rows would count as contiguous and alias meta_recv).
+at::Tensor received_weights(const at::Tensor& meta_recv, int64_t width) {
+  return meta_recv.narrow(1, width, width).clone(at::MemoryFormat::Contiguous).view(at::kFloat);
+}
+
 // Raises on every rank alike for what the exchanged headers ([world][kHeaderSize]) show:
 // malformed arguments and misuse first, then a configuration or expert map that differs.
 void check_headers(const int64_t* received, const Group& group, const DispatchConfig& config,
@@ -137,7 +143,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_received(
     int64_t out_rows) {
   const Grouping g = group_by_key(meta_recv, width, num_local_experts, /*count_skipped=*/false);
   return {scatter_rows(x_recv, g.position, out_rows), g.offsets, g.position,
-          meta_recv.narrow(1, width, width).contiguous().view(at::kFloat)};
+          received_weights(meta_recv, width)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_dispatch_rows(
+    const at::Tensor& x_recv, const at::Tensor& meta_recv, const at::Tensor& recv_entries,
+    int64_t num_local_experts) {
+  c10d::wait_tensor(x_recv);
+  c10d::wait_tensor(meta_recv);
+  const c10::DeviceGuard device_guard(x_recv.device());
+  const int64_t width = meta_recv.size(1) / 2, rows = x_recv.size(0);
+  if (num_local_experts == 1 && width == 1) {
+    // One local expert (the seeds' one expert per GPU): every row is one entry, already in
+    // arrival order, so the received rows are the grouped rows.
+    const auto long_options = meta_recv.options().dtype(at::kLong);
+    return {x_recv, at::arange(2, long_options) * rows,
+            at::arange(rows, meta_recv.options()).view({rows, 1}), received_weights(meta_recv, 1)};
+  }
+  // The entry count travelled in the header: a CPU tensor, no device read.
+  return group_received(x_recv, meta_recv, width, num_local_experts, recv_entries.item<int64_t>());
 }
 
 namespace {
@@ -156,23 +180,15 @@ std::vector<at::Tensor> dispatch_start_impl(const at::Tensor& x, const at::Tenso
   return flat;
 }
 
+// The op: its outputs are new tensors (the schema declares no alias), so the one-expert
+// shortcut's rows are copied here; moe_forward and dispatch take them without the copy.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_finish_impl(
     const at::Tensor& x_recv, const at::Tensor& meta_recv, const at::Tensor& recv_entries,
     int64_t num_local_experts) {
-  c10d::wait_tensor(x_recv);
-  c10d::wait_tensor(meta_recv);
-  const c10::DeviceGuard device_guard(x_recv.device());
-  const int64_t width = meta_recv.size(1) / 2, rows = x_recv.size(0);
-  if (num_local_experts == 1 && width == 1) {
-    // One local expert (the seeds' one expert per GPU): every row is one entry, already in
-    // arrival order, so the received rows are the grouped rows.
-    const auto long_options = meta_recv.options().dtype(at::kLong);
-    return {x_recv, at::arange(2, long_options) * rows,
-            at::arange(rows, meta_recv.options()).view({rows, 1}),
-            meta_recv.narrow(1, 1, 1).contiguous().view(at::kFloat)};
-  }
-  // The entry count travelled in the header: a CPU tensor, no device read.
-  return group_received(x_recv, meta_recv, width, num_local_experts, recv_entries.item<int64_t>());
+  auto finished = finish_dispatch_rows(x_recv, meta_recv, recv_entries, num_local_experts);
+  at::Tensor& x_sorted = std::get<0>(finished);
+  if (x_sorted.is_alias_of(x_recv)) x_sorted = x_sorted.clone();
+  return finished;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -184,7 +200,7 @@ dispatch_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor&
                             1, group_name)
           .front();
   auto [x_sorted, expert_offsets, recv_row_of, recv_weights] =
-      dispatch_finish_impl(x_recv, meta_recv, recv_entries, num_local_experts);
+      finish_dispatch_rows(x_recv, meta_recv, recv_entries, num_local_experts);
   return {x_sorted,    expert_offsets, recv_row_of, recv_weights,
           recv_counts, send_counts,    token_slot};
 }
