@@ -37,6 +37,19 @@ def test_permute_matches_reference(device, experts, top_k, tokens):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("experts", [64, 4096])
+def test_permute_past_the_single_block_sort(device, experts):
+    """More than 8,192 (token, choice) pairs, T not a multiple of the sort's 256-item chunks:
+    on CUDA the three-kernel counting sort (and at 4,096 experts its largest scan buffer)."""
+    hidden = torch.randn(3001, 24, device=device)
+    ids = random_ids(3001, experts, 8, device)
+    for got, want in zip(
+        ops.permute(hidden, ids, experts), reference_permute(hidden, ids, experts), strict=True
+    ):
+        torch.testing.assert_close(got.cpu().to(want.dtype), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("width", [1, 7, 64, 7168])
 def test_permute_dtypes_widths_and_skew(device, dtype, width):
