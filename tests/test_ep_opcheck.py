@@ -1,6 +1,7 @@
 """torch.library.opcheck on the expert-parallel ops, in a one-rank Gloo group in this process
 (schema, fake kernels with data-dependent sizes, dispatcher registration)."""
 
+import pytest
 import torch
 
 from moe_ep import dispatcher
@@ -47,3 +48,46 @@ def test_opcheck_moe_forward(group_name):
     torch.ops.moe_ep.moe_forward(*args, slot_counts)
     assert torch.equal(slot_counts, torch.bincount(ids.view(-1).long(), minlength=4))
     torch.library.opcheck(torch.ops.moe_ep.moe_forward.default, (*args, slot_counts))
+
+
+@pytest.mark.parametrize(
+    "experts, top_k, tokens",
+    [(1, 1, 5), (4, 2, 1), (4, 2, 0), (4, 1, 1)],
+    ids=["one-expert", "one-token", "no-token", "one-token-one-choice"],
+)
+def test_opcheck_dispatch_halves(group_name, experts, top_k, tokens):
+    """The async halves, where their outputs could alias their inputs: one local expert with
+    one choice (the received rows are already grouped) and 0 or 1 received rows (the narrowed
+    weights are contiguous views)."""
+    placement = ExpertPlacement.contiguous(experts, 1)
+    x = torch.randn(tokens, 8)
+    ids = torch.rand(tokens, experts).argsort(dim=1)[:, :top_k].int()
+    weights = torch.rand(tokens, top_k)
+    maps = (placement.expert_rank, placement.expert_local)
+    ops = torch.ops.moe_ep
+    x_recv, meta_recv, _, _, _, entries = ops.dispatch_start(
+        x, ids, weights, *maps, experts, 1, group_name
+    )
+    torch.library.opcheck(ops.dispatch_finish.default, (x_recv, meta_recv, entries, experts))
+    x_sorted, offsets, _, recv_weights = ops.dispatch_finish(x_recv, meta_recv, entries, experts)
+    # One rank: every (token, choice) arrives; grouped by expert, stable in token order.
+    flat = ids.view(-1).long()
+    order = flat.argsort(stable=True)
+    assert torch.equal(x_sorted[: flat.numel()], x.repeat_interleave(top_k, 0)[order])
+    counts = torch.bincount(flat, minlength=experts)
+    assert torch.equal(offsets, torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+    assert torch.equal(recv_weights.sort(dim=1).values, weights.sort(dim=1).values)
+    for output in (x_sorted, recv_weights):
+        for given in (x_recv, meta_recv):
+            mine, theirs = output.untyped_storage(), given.untyped_storage()
+            assert output.numel() == 0 or mine.data_ptr() != theirs.data_ptr()
+
+    if tokens == 0:
+        return  # a fixed buffer's unused rows are never written: two runs differ there
+    capacity = tokens  # the buffer's world x capacity x width rows all filled
+    x_recv, meta_recv, _ = ops.dispatch_capacity_start(
+        x, ids, weights, *maps, experts, capacity, group_name
+    )
+    args = (x_recv, meta_recv, experts, capacity)
+    torch.library.opcheck(ops.dispatch_capacity_finish.default, args)
+    ops.dispatch_capacity_finish(*args)

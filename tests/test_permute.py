@@ -37,6 +37,19 @@ def test_permute_matches_reference(device, experts, top_k, tokens):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("experts", [64, 4096])
+def test_permute_past_the_single_block_sort(device, experts):
+    """More than 8,192 (token, choice) pairs, T not a multiple of the sort's 256-item chunks:
+    on CUDA the three-kernel counting sort (and at 4,096 experts its largest scan buffer)."""
+    hidden = torch.randn(3001, 24, device=device)
+    ids = random_ids(3001, experts, 8, device)
+    for got, want in zip(
+        ops.permute(hidden, ids, experts), reference_permute(hidden, ids, experts), strict=True
+    ):
+        torch.testing.assert_close(got.cpu().to(want.dtype), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("width", [1, 7, 64, 7168])
 def test_permute_dtypes_widths_and_skew(device, dtype, width):
@@ -49,6 +62,21 @@ def test_permute_dtypes_widths_and_skew(device, dtype, width):
     torch.testing.assert_close(offsets.cpu(), ref_offsets, rtol=0, atol=0)
     torch.testing.assert_close(row_of.cpu().long(), ref_row_of, rtol=0, atol=0)
     torch.testing.assert_close(permuted.cpu(), ref_permuted, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_permute_one_choice_ids_with_any_strides(device, dtype):
+    """[T, 1] ids transposed from [1, T] (strides (1, T)): contiguous to PyTorch, with a
+    column stride of T."""
+    hidden = torch.randn(300, 16, device=device)
+    ids = torch.randint(0, 8, (1, 300), device=device, dtype=dtype).t()
+    assert ids.stride() == (1, 300)
+    permuted, offsets, row_of = ops.permute(hidden, ids, 8)
+    for got, want in zip(
+        (permuted, offsets, row_of), reference_permute(hidden, ids, 8), strict=True
+    ):
+        torch.testing.assert_close(got.cpu().to(want.dtype), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -97,6 +125,8 @@ def test_permute_rejects_bad_arguments(device):
         ops.permute(hidden, ids + 8, 8)
     with pytest.raises(RuntimeError, match="'topk_ids'.*outside"):
         ops.permute(hidden, ids - 1, 8)
+    with pytest.raises(RuntimeError, match="'topk_ids'.*outside"):  # no wrap to expert 3
+        ops.permute(hidden, ids.long() + 2**32 + 3, 8)
     with pytest.raises(RuntimeError, match="'topk_ids'"):
         ops.permute(hidden, ids.float(), 8)
     with pytest.raises(RuntimeError, match="'topk_ids'"):

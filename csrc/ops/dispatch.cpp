@@ -35,6 +35,12 @@ MapTensors map_tensors(const at::Tensor& expert_rank, const at::Tensor& expert_l
           std::min(top_k, num_local_experts)};
 }
 
+// The routing weights, metadata columns width..2 width, as float32 [rows, width]: always a
+// copy (the narrowed view of 0 or 1 rows would count as contiguous and alias meta_recv).
+at::Tensor received_weights(const at::Tensor& meta_recv, int64_t width) {
+  return meta_recv.narrow(1, width, width).clone(at::MemoryFormat::Contiguous).view(at::kFloat);
+}
+
 // Raises on every rank alike for what the exchanged headers ([world][kHeaderSize]) show:
 // malformed arguments and misuse first, then a configuration or expert map that differs.
 void check_headers(const int64_t* received, const Group& group, const DispatchConfig& config,
@@ -165,26 +171,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_received(
                             ? scatter_rows(x_recv, g.position, out_rows)
                             : scatter_dequantized_rows(x_recv, meta_recv.narrow(1, -scales, scales),
                                                        g.position, out_rows, dtype);
-  return {std::move(x_sorted), g.offsets, g.position,
-          meta_recv.narrow(1, width, width).contiguous().view(at::kFloat)};
+  return {std::move(x_sorted), g.offsets, g.position, received_weights(meta_recv, width)};
 }
 
-namespace {
-
-std::vector<at::Tensor> dispatch_start_impl(
-    const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-    const at::Tensor& expert_rank, const at::Tensor& expert_local, int64_t num_local_experts,
-    int64_t num_chunks, std::string_view group_name, std::optional<at::ScalarType> dispatch_dtype) {
-  std::vector<at::Tensor> flat;
-  for (auto& chunk :
-       dispatch_start_chunks(x, topk_ids, topk_weights, expert_rank, expert_local,
-                             num_local_experts, num_chunks, group_name, {}, dispatch_dtype)) {
-    std::apply([&](auto&... t) { (flat.push_back(std::move(t)), ...); }, chunk);
-  }
-  return flat;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_finish_impl(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_dispatch_rows(
     const at::Tensor& x_recv, const at::Tensor& meta_recv, const at::Tensor& recv_entries,
     int64_t num_local_experts, std::optional<at::ScalarType> dtype) {
   c10d::wait_tensor(x_recv);
@@ -203,11 +193,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_finish_impl(
                     : scatter_dequantized_rows(x_recv, meta_recv.narrow(1, -scales, scales), row_of,
                                                rows, out_dtype);
     return {std::move(x_sorted), at::arange(2, long_options) * rows, std::move(row_of),
-            meta_recv.narrow(1, 1, 1).contiguous().view(at::kFloat)};
+            received_weights(meta_recv, 1)};
   }
   // The entry count travelled in the header: a CPU tensor, no device read.
   return group_received(x_recv, meta_recv, width, num_local_experts, recv_entries.item<int64_t>(),
                         out_dtype);
+}
+
+namespace {
+
+std::vector<at::Tensor> dispatch_start_impl(
+    const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+    const at::Tensor& expert_rank, const at::Tensor& expert_local, int64_t num_local_experts,
+    int64_t num_chunks, std::string_view group_name, std::optional<at::ScalarType> dispatch_dtype) {
+  std::vector<at::Tensor> flat;
+  for (auto& chunk :
+       dispatch_start_chunks(x, topk_ids, topk_weights, expert_rank, expert_local,
+                             num_local_experts, num_chunks, group_name, {}, dispatch_dtype)) {
+    std::apply([&](auto&... t) { (flat.push_back(std::move(t)), ...); }, chunk);
+  }
+  return flat;
+}
+
+// The op: its outputs are new tensors (the schema declares no alias), so the one-expert
+// shortcut's rows are copied here; moe_forward and dispatch take them without the copy.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_finish_impl(
+    const at::Tensor& x_recv, const at::Tensor& meta_recv, const at::Tensor& recv_entries,
+    int64_t num_local_experts, std::optional<at::ScalarType> dtype) {
+  auto finished = finish_dispatch_rows(x_recv, meta_recv, recv_entries, num_local_experts, dtype);
+  at::Tensor& x_sorted = std::get<0>(finished);
+  if (x_sorted.is_alias_of(x_recv)) x_sorted = x_sorted.clone();
+  return finished;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -220,7 +236,7 @@ dispatch_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor&
                             1, group_name, {}, dispatch_dtype)
           .front();
   auto [x_sorted, expert_offsets, recv_row_of, recv_weights] =
-      dispatch_finish_impl(x_recv, meta_recv, recv_entries, num_local_experts, x.scalar_type());
+      finish_dispatch_rows(x_recv, meta_recv, recv_entries, num_local_experts, x.scalar_type());
   return {x_sorted,    expert_offsets, recv_row_of, recv_weights,
           recv_counts, send_counts,    token_slot};
 }

@@ -62,7 +62,9 @@ void counting_sort(const at::Tensor& keys, int64_t rows, int64_t width, int64_t 
 }  // namespace
 
 Grouping group_by_key(const at::Tensor& keys, int64_t width, int64_t num_keys, bool count_skipped) {
-  TORCH_INTERNAL_ASSERT(keys.scalar_type() == at::kInt && keys.stride(1) == 1);
+  // One key per row ([T, 1], e.g. a transposed [1, T]) reads only stride(0).
+  TORCH_INTERNAL_ASSERT(keys.scalar_type() == at::kInt &&
+                        (keys.size(1) <= 1 || keys.stride(1) == 1));
   Grouping g{at::empty({num_keys + 1}, keys.options().dtype(at::kLong)),
              at::empty({keys.size(0), width}, keys.options()),
              count_skipped ? at::empty({1}, keys.options()) : at::Tensor()};

@@ -6,9 +6,10 @@
 // collective after the work already queued on the current stream, so a dispatch issued after
 // an expert GEMM would wait for it; and the counts of all chunks reach the host in one read
 // instead of one per chunk (the header is the layer's one host read). The experts and the
-// combines go through the dispatcher, so
-// CPU/Gloo and CUDA/NCCL take the same path. moe_ep.pipeline has the same schedule in Python
-// for what an op cannot take: a caller's hook, fixed-capacity fallback, layer streams.
+// combines go through the dispatcher, so CPU/Gloo and CUDA/NCCL take the same path; the
+// dispatch's finish is called directly (with one local expert it hands over the received rows
+// without the op's copy). moe_ep.pipeline has the same schedule in Python for what an op
+// cannot take: a caller's hook, fixed-capacity fallback, layer streams.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -22,12 +23,7 @@
 namespace moe_ep::ops {
 namespace {
 
-using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 struct Ops {
-  c10::TypedOperatorHandle<Tensors4(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    int64_t, std::optional<at::ScalarType>)>
-      dispatch_finish;
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const at::Tensor&, std::string_view, bool)>
       expert_ffn;
@@ -42,9 +38,6 @@ const Ops& ops() {
     auto& d = c10::Dispatcher::singleton();
     auto find = [&](const char* name) { return d.findSchemaOrThrow(name, ""); };
     return Ops{
-        find("moe_ep::dispatch_finish")
-            .typed<Tensors4(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                            std::optional<at::ScalarType>)>(),
         find("moe_ep::expert_ffn")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, std::string_view, bool)>(),
@@ -91,7 +84,7 @@ at::Tensor moe_forward_impl(const at::Tensor& x, const at::Tensor& topk_ids,
   returning.reserve(num_chunks);
   for (const auto& [x_recv, meta_recv, recv_counts, send_counts, token_slot, entries] : started) {
     const auto [x_sorted, offsets, recv_row_of, recv_weights] =
-        op.dispatch_finish.call(x_recv, meta_recv, entries, num_local_experts, x.scalar_type());
+        finish_dispatch_rows(x_recv, meta_recv, entries, num_local_experts, x.scalar_type());
     // A rank with fewer experts than the widest one ignores the empty trailing groups.
     const at::Tensor own_offsets = offsets.narrow(0, 0, w13.size(0) + 1);
     if (slot_counts) slot_counts->add_(own_offsets.diff());

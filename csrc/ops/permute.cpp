@@ -27,7 +27,10 @@ at::Tensor checked_permute_ids(const at::Tensor& hidden, const at::Tensor& topk_
               "moe_ep: argument 'topk_ids' has more than 2^31-1 entries");
   TORCH_CHECK(!topk_ids.is_cuda() || num_experts <= kMaxCudaSortKeys, "moe_ep: argument ",
               "'num_experts' must be <= ", kMaxCudaSortKeys, " on CUDA, got ", num_experts);
-  return topk_ids.to(at::kInt).contiguous();
+  // Ids past int32 are clamped to an invalid id first, so that none wraps into a valid one.
+  const at::Tensor ids =
+      topk_ids.scalar_type() == at::kLong ? topk_ids.clamp(-1, num_experts) : topk_ids;
+  return ids.to(at::kInt).contiguous();
 }
 
 void check_unpermute_args(const at::Tensor& expert_out, const at::Tensor& row_of,
