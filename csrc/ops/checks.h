@@ -2,7 +2,9 @@
 // RuntimeError (c10::Error) whose message names the offending argument.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/stack.h>
 
 #include <string_view>
 #include <utility>
@@ -30,7 +32,8 @@ inline void check_fits_weights(const at::Tensor& x, const at::Tensor& w13) {
               ": cast the input to the weights' dtype");
   TORCH_CHECK(x.dim() >= 1 && w13.dim() == 3 && x.size(-1) == w13.size(2),
               "moe_ep: argument 'x' has hidden size ", x.dim() >= 1 ? x.size(-1) : 0,
-              " but the expert weights ('w13', [E, 2F, H]) take ", w13.dim() == 3 ? w13.size(2) : 0);
+              " but the expert weights ('w13', [E, 2F, H]) take ",
+              w13.dim() == 3 ? w13.size(2) : 0);
 }
 
 inline void check_float_dtype(const at::Tensor& t, std::string_view name) {

@@ -1,6 +1,11 @@
 #include "ops/expert_ffn.h"
 
+#include <ATen/TensorOperators.h>
 #include <ATen/core/grad_mode.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/silu.h>
 #include <torch/library.h>
 
 #include "ops/checks.h"

@@ -5,7 +5,7 @@
 // are unspecified. The offsets may live on the CPU or on x's device.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <string_view>
 #include <vector>

@@ -5,7 +5,7 @@
 // kernel reading its own inputs is the device's work, not a host read, and is not counted.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <vector>

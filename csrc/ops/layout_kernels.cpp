@@ -1,6 +1,9 @@
 #include "ops/layout_kernels.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/record_function.h>
 
 #include <cstring>

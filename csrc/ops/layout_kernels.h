@@ -3,7 +3,7 @@
 // csrc/ops/kernels/. None reads anything on the host; the callers decide what to read.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 

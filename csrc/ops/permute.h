@@ -1,7 +1,7 @@
 // permute / unpermute: argument validation shared by the CPU and CUDA implementations.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace moe_ep::ops {
 

@@ -2,6 +2,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "ops/checks.h"
@@ -30,8 +31,8 @@ core::RouteConfig route_config(const at::Tensor& logits, int64_t top_k, std::str
     check_same_device(*bias, logits, "bias", "logits");
   }
   TORCH_CHECK(group_score == "max" || group_score == "top2_sum",
-              "moe_ep: argument 'group_score' must be \"max\" or \"top2_sum\", got \"",
-              group_score, "\"");
+              "moe_ep: argument 'group_score' must be \"max\" or \"top2_sum\", got \"", group_score,
+              "\"");
   TORCH_CHECK(n_group >= 1 && n_group <= core::kMaxGroups,
               "moe_ep: argument 'n_group' must be in [1, ", core::kMaxGroups, "], got ", n_group);
   if (n_group > 1) {
@@ -51,8 +52,7 @@ core::RouteConfig route_config(const at::Tensor& logits, int64_t top_k, std::str
       score_func == "softmax" ? core::ScoreFunction::kSoftmax : core::ScoreFunction::kSigmoid;
   config.n_group = static_cast<int>(n_group);
   config.topk_group = n_group > 1 ? static_cast<int>(topk_group) : 1;
-  config.group_score =
-      group_score == "max" ? core::GroupScore::kMax : core::GroupScore::kTopTwoSum;
+  config.group_score = group_score == "max" ? core::GroupScore::kMax : core::GroupScore::kTopTwoSum;
   config.renormalize = renormalize;
   config.scaling = static_cast<float>(scaling);
   return config;

@@ -1,7 +1,7 @@
 // route: argument validation shared by the CPU and CUDA implementations.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <string_view>

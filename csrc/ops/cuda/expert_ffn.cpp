@@ -17,6 +17,8 @@
 // one counted device-to-host read (moe_ep.debug.host_reads()). check_offsets=True validates
 // device offsets in that same read; with grouped_mm and check_offsets=False nothing is read.
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/_grouped_mm.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -1,4 +1,5 @@
 // route on CUDA: ATen adapter over kernels::launch_route.
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "ops/cuda/common.h"

@@ -1,6 +1,7 @@
 // unpermute on CUDA: the ATen adapter of kernels/permute.cu's weighted combine. With
 // check_rows it validates the rows with one counted device-to-host read (a bad row would
 // read out of bounds); moe_ep's own callers pass rows it produced and skip the check.
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "ops/checks.h"
