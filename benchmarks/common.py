@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -144,6 +145,20 @@ def environment(device: torch.device) -> dict:
         "date": datetime.date.today().isoformat(),
         "command": " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1]] + sys.argv),
     }
+
+
+def announce(rank: int, world: int, device: torch.device, details: str) -> tuple[Callable, dict]:
+    """Prints, on rank 0, the two header lines a results entry starts with (device, ranks and
+    backend, torch, the run's details, date; then the command); returns rank 0's printer
+    (a no-op on the other ranks) and the environment."""
+    say = print if rank == 0 else (lambda *a, **k: None)
+    env = environment(device)
+    say(
+        f"# {env['device']} x {world} ranks ({dist.get_backend()}) | torch {env['torch']} | "
+        f"{details} | {env['date']}"
+    )
+    say(f"# {env['command']}")
+    return say, env
 
 
 def format_value(value: object) -> str:

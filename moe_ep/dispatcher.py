@@ -31,6 +31,7 @@ __all__ = [
     "dispatch_capacity",
     "check_status",
     "combine",
+    "dispatch_row_bytes",
 ]
 
 
@@ -101,6 +102,21 @@ class CapacityDispatched:
         """Raises DispatchOverflow (or a RuntimeError naming the argument or the
         disagreement) identically on every rank: one host read."""
         check_status([self.status], self.capacity)
+
+
+# Channels per float32 scale of the FP8 dispatch (core::kFp8BlockSize).
+FP8_BLOCK_SIZE = moe_ep._C.fp8_block_size
+
+
+def dispatch_row_bytes(
+    hidden: int, dtype: torch.dtype, dispatch_dtype: torch.dtype | None = None
+) -> int:
+    """Bytes of a dispatched row's hidden state on the wire: `hidden` elements of dtype, or
+    for the FP8 dispatch one byte per channel and a float32 scale per 128 channels (the
+    routing metadata, 8 bytes per slot, comes on top)."""
+    if dispatch_dtype == torch.float8_e4m3fn:
+        return hidden + 4 * _scale_columns(hidden, dispatch_dtype)
+    return hidden * dtype.itemsize
 
 
 # The fixed-capacity status columns (core::StatusField).
@@ -178,10 +194,11 @@ def dispatch_chunks(
     placement: ExpertPlacement,
     num_chunks: int,
     group: dist.ProcessGroup | str | None = None,
+    dispatch_dtype: torch.dtype | None = None,
 ) -> list[PendingDispatch]:
     """Exact-size dispatch of x split into num_chunks chunks (tensor_split) with one header
     exchange and one host read for all of them; every chunk's rows are in flight when this
-    returns. wait() each in order."""
+    returns. wait() each in order. dispatch_dtype as for dispatch."""
     flat = torch.ops.moe_ep.dispatch_start(
         x,
         topk_ids,
@@ -191,12 +208,13 @@ def dispatch_chunks(
         placement.num_local_experts,
         num_chunks,
         _group_name(group),
+        dispatch_dtype,
     )
     local = placement.num_local_experts
 
     def pending(x_recv, meta_recv, recv_counts, send_counts, token_slot, entries):
         def finish() -> Dispatched:
-            grouped = torch.ops.moe_ep.dispatch_finish(x_recv, meta_recv, entries, local)
+            grouped = torch.ops.moe_ep.dispatch_finish(x_recv, meta_recv, entries, local, x.dtype)
             return Dispatched(*grouped, recv_counts, send_counts, token_slot)
 
         return PendingDispatch(finish)
@@ -211,6 +229,7 @@ def dispatch(
     placement: ExpertPlacement,
     group: dist.ProcessGroup | str | None = None,
     async_op: bool = False,
+    dispatch_dtype: torch.dtype | None = None,
 ) -> Dispatched | PendingDispatch:
     """Exact-size dispatch: one header exchange (the counts, and every rank's check of every
     other's arguments), then the rows and their routing metadata.
@@ -223,9 +242,13 @@ def dispatch(
         group: the process group (or its name); default: the world.
         async_op: return a PendingDispatch once the header is exchanged and the rows are
             on their way, instead of waiting for them.
+        dispatch_dtype: None (or x's dtype) sends x as it is; torch.float8_e4m3fn sends it as
+            FP8 with one float32 scale per 128 channels of a token (about half the bytes),
+            dequantized to x's dtype on arrival (docs/dispatch.md, "FP8 dispatch"). Every
+            rank must pass the same.
     """
     if async_op:
-        return dispatch_chunks(x, topk_ids, topk_weights, placement, 1, group)[0]
+        return dispatch_chunks(x, topk_ids, topk_weights, placement, 1, group, dispatch_dtype)[0]
     return Dispatched(
         *torch.ops.moe_ep.dispatch(
             x,
@@ -235,6 +258,7 @@ def dispatch(
             placement.expert_local,
             placement.num_local_experts,
             _group_name(group),
+            dispatch_dtype,
         )
     )
 
@@ -247,6 +271,7 @@ def dispatch_capacity(
     capacity: int,
     group: dist.ProcessGroup | str | None = None,
     async_op: bool = False,
+    dispatch_dtype: torch.dtype | None = None,
 ) -> CapacityDispatched | PendingDispatch:
     """Fixed-capacity dispatch: `capacity` rows to every rank, nothing read on the host.
 
@@ -254,7 +279,7 @@ def dispatch_capacity(
     no overflow. Call check() (or check_status for several) before trusting the result:
     pairs over the capacity are reported, never dropped silently. The first call of a
     configuration on a group agrees on it with every rank (a handshake, one host read);
-    later calls exchange nothing more. async_op as for dispatch.
+    later calls exchange nothing more. async_op and dispatch_dtype as for dispatch.
     """
     args = (
         x,
@@ -265,6 +290,7 @@ def dispatch_capacity(
         placement.num_local_experts,
         capacity,
         _group_name(group),
+        dispatch_dtype,
     )
     if async_op:
         x_recv, meta_recv, token_slot = torch.ops.moe_ep.dispatch_capacity_start(*args)
@@ -272,7 +298,7 @@ def dispatch_capacity(
 
         def finish() -> CapacityDispatched:
             *grouped, status = torch.ops.moe_ep.dispatch_capacity_finish(
-                x_recv, meta_recv, local, capacity
+                x_recv, meta_recv, local, capacity, x.dtype
             )
             return CapacityDispatched(*grouped, token_slot, status, capacity=capacity)
 
@@ -319,12 +345,14 @@ def moe_forward(
     num_chunks: int = 1,
     group: dist.ProcessGroup | str | None = None,
     slot_counts: torch.Tensor | None = None,
+    dispatch_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One expert-parallel MoE layer after routing, as one op: exact-size dispatch, this
     rank's experts (w13 [L, 2F, H], w2 [L, H, F]), combine; in num_chunks chunks whose
     dispatches are all issued first, so that communication overlaps the experts. topk_ids
     are slot ids (see map_to_slots). slot_counts (int64 [L], on x's device), when given,
-    accumulates the (token, choice) entries each local slot received. Returns [T, H]."""
+    accumulates the (token, choice) entries each local slot received; dispatch_dtype as for
+    dispatch. Returns [T, H]."""
     return torch.ops.moe_ep.moe_forward(
         x,
         topk_ids,
@@ -338,7 +366,19 @@ def moe_forward(
         num_chunks,
         _group_name(group),
         slot_counts,
+        dispatch_dtype,
     )
+
+
+def _scale_columns(hidden: int, wire_dtype: torch.dtype) -> int:
+    """The metadata columns of the FP8 dispatch's scales (0 for rows sent as they are)."""
+    return -(-hidden // FP8_BLOCK_SIZE) if wire_dtype == torch.float8_e4m3fn else 0
+
+
+def _wire(x, dispatch_dtype):
+    """The dtype of x's rows on the wire and the metadata columns of their scales."""
+    wire = dispatch_dtype or x.dtype
+    return wire, _scale_columns(x.shape[1], wire)
 
 
 @torch.library.register_fake("moe_ep::dispatch_layout")
@@ -358,7 +398,14 @@ def _dispatch_layout_fake(topk_ids, expert_rank, expert_local, world_size, num_l
 
 @torch.library.register_fake("moe_ep::dispatch")
 def _dispatch_fake(
-    x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts, group_name
+    x,
+    topk_ids,
+    topk_weights,
+    expert_rank,
+    expert_local,
+    num_local_experts,
+    group_name,
+    dispatch_dtype=None,
 ):
     ctx = torch.library.get_ctx()
     entries, rows, world = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
@@ -381,7 +428,15 @@ def _capacity_shapes(group_name, capacity, topk_ids, num_local_experts):
 
 @torch.library.register_fake("moe_ep::dispatch_capacity")
 def _dispatch_capacity_fake(
-    x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts, capacity, group_name
+    x,
+    topk_ids,
+    topk_weights,
+    expert_rank,
+    expert_local,
+    num_local_experts,
+    capacity,
+    group_name,
+    dispatch_dtype=None,
 ):
     rows, width = _capacity_shapes(group_name, capacity, topk_ids, num_local_experts)
     return (
@@ -396,17 +451,26 @@ def _dispatch_capacity_fake(
 
 @torch.library.register_fake("moe_ep::dispatch_start")
 def _dispatch_start_fake(
-    x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts, num_chunks, group_name
+    x,
+    topk_ids,
+    topk_weights,
+    expert_rank,
+    expert_local,
+    num_local_experts,
+    num_chunks,
+    group_name,
+    dispatch_dtype=None,
 ):
     ctx = torch.library.get_ctx()
     width = min(topk_ids.shape[1], num_local_experts)
     world = dist.distributed_c10d._resolve_process_group(group_name).size()
+    wire, scales = _wire(x, dispatch_dtype)
     out = []
     for ids in topk_ids.tensor_split(num_chunks):
         rows = ctx.new_dynamic_size()
         out += [
-            x.new_empty((rows, x.shape[1])),
-            x.new_empty((rows, 2 * width), dtype=torch.int32),
+            x.new_empty((rows, x.shape[1]), dtype=wire),
+            x.new_empty((rows, 2 * width + scales), dtype=torch.int32),
             torch.empty((world,), dtype=torch.int64),
             torch.empty((world,), dtype=torch.int64),
             x.new_empty(tuple(ids.shape), dtype=torch.int32),
@@ -416,11 +480,11 @@ def _dispatch_start_fake(
 
 
 @torch.library.register_fake("moe_ep::dispatch_finish")
-def _dispatch_finish_fake(x_recv, meta_recv, recv_entries, num_local_experts):
+def _dispatch_finish_fake(x_recv, meta_recv, recv_entries, num_local_experts, dtype=None):
     entries = torch.library.get_ctx().new_dynamic_size()
-    width = meta_recv.shape[1] // 2
+    width = (meta_recv.shape[1] - _scale_columns(x_recv.shape[1], x_recv.dtype)) // 2
     return (
-        x_recv.new_empty((entries, x_recv.shape[1])),
+        x_recv.new_empty((entries, x_recv.shape[1]), dtype=dtype or x_recv.dtype),
         x_recv.new_empty((num_local_experts + 1,), dtype=torch.int64),
         x_recv.new_empty((x_recv.shape[0], width), dtype=torch.int32),
         x_recv.new_empty((x_recv.shape[0], width), dtype=torch.float32),
@@ -429,22 +493,31 @@ def _dispatch_finish_fake(x_recv, meta_recv, recv_entries, num_local_experts):
 
 @torch.library.register_fake("moe_ep::dispatch_capacity_start")
 def _dispatch_capacity_start_fake(
-    x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts, capacity, group_name
+    x,
+    topk_ids,
+    topk_weights,
+    expert_rank,
+    expert_local,
+    num_local_experts,
+    capacity,
+    group_name,
+    dispatch_dtype=None,
 ):
     rows, width = _capacity_shapes(group_name, capacity, topk_ids, num_local_experts)
+    wire, scales = _wire(x, dispatch_dtype)
     return (
-        x.new_empty((rows, x.shape[1])),
-        x.new_empty((rows, 2 * width + 4), dtype=torch.int32),
+        x.new_empty((rows, x.shape[1]), dtype=wire),
+        x.new_empty((rows, 2 * width + 4 + scales), dtype=torch.int32),
         x.new_empty(tuple(topk_ids.shape), dtype=torch.int32),
     )
 
 
 @torch.library.register_fake("moe_ep::dispatch_capacity_finish")
-def _dispatch_capacity_finish_fake(x_recv, meta_recv, num_local_experts, capacity):
+def _dispatch_capacity_finish_fake(x_recv, meta_recv, num_local_experts, capacity, dtype=None):
     rows = x_recv.shape[0]
-    width = (meta_recv.shape[1] - 4) // 2
+    width = (meta_recv.shape[1] - 4 - _scale_columns(x_recv.shape[1], x_recv.dtype)) // 2
     return (
-        x_recv.new_empty((rows * width, x_recv.shape[1])),
+        x_recv.new_empty((rows * width, x_recv.shape[1]), dtype=dtype or x_recv.dtype),
         x_recv.new_empty((num_local_experts + 1,), dtype=torch.int64),
         x_recv.new_empty((rows, width), dtype=torch.int32),
         x_recv.new_empty((rows, width), dtype=torch.float32),
@@ -477,6 +550,7 @@ def _moe_forward_fake(
     num_chunks,
     group_name,
     slot_counts=None,
+    dispatch_dtype=None,
 ):
     return x.new_empty(x.shape)
 

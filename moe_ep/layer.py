@@ -62,6 +62,12 @@ class MoELayer(nn.Module):
             bench_overlap.py on Gloo: chunking only added per-chunk costs, see
             benchmarks/RESULTS.md), 2 for CUDA tensors (NCCL's own stream can carry one chunk
             while another computes; not yet measured).
+        dispatch_dtype: the dtype the tokens travel in to the experts' ranks: the layer's
+            dtype (default), or torch.float8_e4m3fn: FP8 with one float32 scale per 128
+            channels of a token (about half the bytes; the experts get the tokens back in the
+            layer's dtype, and combine stays in it; accuracy cost in docs/dispatch.md, "FP8
+            dispatch"). Every rank must use the same. Without a group there is no dispatch
+            and it changes nothing.
 
     Input [..., H] in the experts' dtype (anything else raises, naming `x`); output of the
     same shape and dtype. Under expert
@@ -92,8 +98,14 @@ class MoELayer(nn.Module):
         capacity: int | None = None,
         on_overflow: str = "report",
         num_chunks: int | None = None,
+        dispatch_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if dispatch_dtype not in (None, dtype, torch.float8_e4m3fn):
+            raise ValueError(
+                f"dispatch_dtype must be the layer's dtype ({dtype}) or torch.float8_e4m3fn, "
+                f"got {dispatch_dtype}"
+            )
         if dispatch_mode not in ("exact", "capacity"):
             raise ValueError(f"dispatch_mode must be 'exact' or 'capacity', got {dispatch_mode!r}")
         if dispatch_mode == "capacity" and (capacity is None or capacity < 1):
@@ -109,6 +121,7 @@ class MoELayer(nn.Module):
         self.dispatch_mode, self.capacity, self.on_overflow = dispatch_mode, capacity, on_overflow
         self.dispatch_status: list[torch.Tensor] = []  # capacity mode: statuses not yet checked
         self.num_chunks = num_chunks
+        self.dispatch_dtype = dispatch_dtype or dtype
         self.group = group
         if group is not None:
             placement = placement or ExpertPlacement.contiguous(num_experts, group.size())
@@ -254,6 +267,11 @@ class MoELayer(nn.Module):
         if self.slot_counts is not None:  # the counts restart with the new slots
             self.slot_counts = self.slot_counts.new_zeros(len(local))
 
+    @property
+    def _wire_dtype(self) -> torch.dtype | None:
+        """What the dispatch ops take: float8_e4m3fn, or None to send the tokens as they are."""
+        return self.dispatch_dtype if self.dispatch_dtype == torch.float8_e4m3fn else None
+
     def slot_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """The physical slots that this rank's (token, choice) pairs go to."""
         return map_to_slots(topk_ids, self.placement, self.group.rank())
@@ -308,12 +326,19 @@ class MoELayer(nn.Module):
         capacity mode with ceil(capacity / num_chunks) rows per chunk and rank."""
         if (mode or self.dispatch_mode) == "exact":
             return dispatcher.dispatch_chunks(
-                x, slots, topk_weights, self.placement, num_chunks, self.group
+                x, slots, topk_weights, self.placement, num_chunks, self.group, self._wire_dtype
             )
         capacity = -(-self.capacity // num_chunks)
         return [
             dispatcher.dispatch_capacity(
-                xc, sc, wc, self.placement, capacity, self.group, async_op=True
+                xc,
+                sc,
+                wc,
+                self.placement,
+                capacity,
+                self.group,
+                async_op=True,
+                dispatch_dtype=self._wire_dtype,
             )
             for xc, sc, wc in zip(
                 x.tensor_split(num_chunks),
@@ -379,6 +404,7 @@ class MoELayer(nn.Module):
                 num_chunks,
                 self.group,
                 self.slot_counts,
+                self._wire_dtype,
             )
         routed, extra = pipeline.run_layer(self, x, slots, topk_weights, num_chunks, overlap_fn)
         if self.dispatch_mode == "capacity" and self.on_overflow != "report":

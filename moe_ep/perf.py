@@ -6,6 +6,7 @@ model is checked against published figures it was not fitted to (moe_ep/perf_val
 
     python -m moe_ep.perf --model seeds --strategy ep16tp8 --phase decode --batch 64
     python -m moe_ep.perf --compare tp8pp2,ep16tp8
+    python -m moe_ep.perf --strategy ep64 --dispatch-dtype fp8      # FP8 dispatch (scales included)
     python -m moe_ep.perf --strategy ep64 --placement plan.json      # a plan from moe_ep.plan
     python -m moe_ep.perf --sweep --plot scaling.png --json scaling.json
     python -m moe_ep.perf --validate
@@ -21,8 +22,11 @@ import re
 import sys
 from dataclasses import dataclass
 
+import torch
+
 from moe_ep import _C
 from moe_ep import perf_calibration as calibration
+from moe_ep.dispatcher import dispatch_row_bytes
 from moe_ep.plan import Placement
 
 CALIBRATION = calibration.load_calibration()
@@ -161,6 +165,13 @@ class Workload:
 # Named layouts: the seeds' 3,904-GPU layout (61 layers x 64 GPUs: one pipeline stage per layer,
 # one expert per GPU).
 STRATEGY_ALIASES = {"seeds3904": "pp61ep64dp64mb64"}
+
+
+def dispatch_bytes(hidden: int, dispatch_dtype: torch.dtype) -> float:
+    """Strategy.dispatch_bytes of a layer that dispatches in dispatch_dtype
+    (MoELayer.dispatch_dtype): bytes on the wire per hidden element, FP8's float32 scales
+    included (1.03125 at hidden 7168; bf16: 2)."""
+    return dispatch_row_bytes(hidden, dispatch_dtype, dispatch_dtype) / hidden
 
 
 def parse_strategy(text: str) -> Strategy:
@@ -413,6 +424,13 @@ def main(argv=None) -> int:
     parser.add_argument("--calibrate", metavar="JSON", help="bench_local.py --json output")
     parser.add_argument("--strategy", default="ep16tp8", help="e.g. tp8pp2, ep16tp8, seeds3904")
     parser.add_argument("--compare", help="comma-separated strategies, the first is the baseline")
+    parser.add_argument(
+        "--dispatch-dtype",
+        choices=["model", "fp8"],
+        default="model",
+        help="the dtype dispatch sends tokens in: the model's activations, or FP8 with a float32 "
+        "scale per 128 channels (MoELayer(dispatch_dtype=torch.float8_e4m3fn)); combine stays",
+    )
     parser.add_argument("--phase", default="decode", choices=["prefill", "decode"])
     parser.add_argument("--batch", type=float, default=64, help="sequences per step, in total")
     parser.add_argument("--seq", type=float, default=2048, help="prompt or context length")
@@ -490,13 +508,15 @@ def main(argv=None) -> int:
                 json.dump({"hardware": hw.name, "sweeps": sweeps}, f, indent=1)
         return 0
 
+    model = MODELS[args.model]
     overrides = {
         "expert_imbalance": args.imbalance,
         "link_imbalance": args.link_imbalance,
         "attention_imbalance": args.attention_imbalance,
     }
+    if args.dispatch_dtype == "fp8":
+        overrides["dispatch_bytes"] = dispatch_bytes(model.hidden, torch.float8_e4m3fn)
     placement = Placement.load(args.placement) if args.placement else None
-    model = MODELS[args.model]
     names = args.compare.split(",") if args.compare else [args.strategy]
     results = []
     for name in names:

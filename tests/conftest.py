@@ -35,6 +35,15 @@ def _seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.fixture(scope="module")
+def group_name(tmp_path_factory):
+    """A one-rank Gloo group in this process (the module's tests share it): its name."""
+    init_file = tmp_path_factory.mktemp("dist") / "init"
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    yield dist.group.WORLD.group_name
+    dist.destroy_process_group()
+
+
 @contextlib.contextmanager
 def process_group(rank: int, world: int, init_file: str, backend: str = "gloo"):
     """The world group of a spawned test process (one thread: the ranks share the cores)."""

@@ -36,6 +36,25 @@ def max_over_ranks(value: int) -> int:
     return int(t)
 
 
+def world_layer(
+    experts, top_k, dtype, device, placement, mode, capacity, hidden=HIDDEN, ffn=FFN, **options
+):
+    """MoELayer over the world group with the given dispatch; options go to MoELayer."""
+    return moe_ep.MoELayer(
+        hidden,
+        ffn,
+        experts,
+        top_k,
+        dtype=dtype,
+        device=device,
+        group=dist.group.WORLD,
+        placement=placement,
+        dispatch_mode=mode,
+        capacity=capacity,
+        **options,
+    )
+
+
 def check_layer(
     name,
     experts,
@@ -56,18 +75,8 @@ def check_layer(
     gate, w13, w2 = full_weights(experts, dtype, seed=len(name) * 1000 + experts)
     if mode == "capacity" and capacity is None:  # the largest T of any rank: never overflows
         capacity = max(1, max_over_ranks(tokens))
-    layer = moe_ep.MoELayer(
-        HIDDEN,
-        FFN,
-        experts,
-        top_k,
-        dtype=dtype,
-        device=device,
-        group=dist.group.WORLD,
-        placement=placement,
-        dispatch_mode=mode,
-        capacity=capacity,
-        on_overflow=on_overflow,
+    layer = world_layer(
+        experts, top_k, dtype, device, placement, mode, capacity, on_overflow=on_overflow
     )
     if one_expert is not None:
         gate = torch.zeros_like(gate)

@@ -62,7 +62,8 @@ def test_single_rank_layer_reads_nothing_and_captures():
 
 @CUDA_SKIP
 @pytest.mark.parametrize("chunks", [1, 2])
-def test_capacity_step_reads_nothing_and_captures(nccl_group, chunks):
+@pytest.mark.parametrize("dispatch_dtype", [None, torch.float8_e4m3fn])
+def test_capacity_step_reads_nothing_and_captures(nccl_group, chunks, dispatch_dtype):
     torch.manual_seed(0)
     layer = moe_ep.MoELayer(
         256,
@@ -75,6 +76,7 @@ def test_capacity_step_reads_nothing_and_captures(nccl_group, chunks):
         dispatch_mode="capacity",
         capacity=64,
         num_chunks=chunks,
+        dispatch_dtype=dispatch_dtype,
     )
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     layer(x)

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "bindings/bindings.h"
+#include "core/fp8.h"
 #include "moe_ep_build_info.h"  // MOE_EP_CUDA_TARGETS, written by setup.py
 #include "ops/dispatch_config.h"
 #include "ops/host_reads.h"
@@ -25,6 +26,7 @@ PYBIND11_MODULE(_C, m) {
       "describe_dispatch_errors",
       [](int64_t errors) { return moe_ep::ops::describe_errors(errors, /*num_experts=*/0); },
       "The misuse named by a dispatch status's error bits.");
+  m.attr("fp8_block_size") = moe_ep::core::kFp8BlockSize;
   moe_ep::bindings::bind_placement(m);
   moe_ep::bindings::bind_perf(m);
 }

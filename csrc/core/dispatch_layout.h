@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "core/common.h"
+#include "core/fp8.h"
 #include "core/routing.h"
 
 namespace moe_ep::core {
@@ -178,7 +179,9 @@ uint64_t map_checksum(const ExpertMap& map);
 
 // Packs the send rows: x's row of every (token, rank) pair that has a row (send_row), its
 // metadata row (local ids then float32 weight bits, -1 / 0 padded, `meta_stride` int32 per
-// row), and token_slot[T * k]: the row of each choice that owns one, else -1.
+// row), and token_slot[T * k]: the row of each choice that owns one, else -1. The FP8 dispatch
+// (scale_column >= 0) sends x's row as e4m3fn codes (x_send rows of `hidden` bytes) and its
+// block scales (fp8.h) in the metadata row from scale_column on.
 struct PackArgs {
   const uint8_t* x;
   int64_t row_bytes;
@@ -197,6 +200,7 @@ struct PackArgs {
   uint8_t* x_send;
   int32_t* meta_send;
   int32_t* token_slot;
+  int32_t scale_column = -1;
 };
 
 // The metadata and token_slot entries of token t (both backends); returns nothing, the row
@@ -229,5 +233,33 @@ MOE_EP_HD inline void pack_token_metadata(const PackArgs& a, int64_t t) {
 }
 
 void pack_rows(const PackArgs& args);
+
+// pack_rows for the FP8 dispatch, x of element type T: each token's row is quantized once,
+// into its first send row, and copied with its scales to the other ranks it goes to.
+template <typename T>
+void pack_rows_fp8(const PackArgs& a) {
+  const int64_t hidden = a.row_bytes / static_cast<int64_t>(sizeof(T));
+  const int64_t scale_bytes = fp8_scale_blocks(hidden) * static_cast<int64_t>(sizeof(float));
+  for (int64_t t = 0; t < a.num_tokens; ++t) {
+    pack_token_metadata(a, t);
+    const uint8_t *first_values = nullptr, *first_scales = nullptr;
+    for (int32_t j = 0; j < a.top_k; ++j) {
+      const int64_t pair = t * a.top_k + j;
+      const int32_t row = a.dest_key[pair] < 0 ? -1 : a.token_slot[pair];
+      if (row < 0) continue;
+      uint8_t* values = a.x_send + row * hidden;
+      auto* scales = reinterpret_cast<uint8_t*>(
+          a.meta_send + static_cast<int64_t>(row) * a.meta_stride + a.scale_column);
+      if (first_values == nullptr) {
+        quantize_row(reinterpret_cast<const T*>(a.x) + t * hidden, hidden, values, scales);
+        first_values = values;
+        first_scales = scales;
+      } else {
+        std::memcpy(values, first_values, hidden);
+        std::memcpy(scales, first_scales, scale_bytes);
+      }
+    }
+  }
+}
 
 }  // namespace moe_ep::core

@@ -48,6 +48,13 @@ c10::Device collective_device(const Group& group, const c10::Device& preferred) 
 
 at::Tensor start_all_to_all_rows(const Group& group, const at::Tensor& input,
                                  std::vector<int64_t> send_rows, std::vector<int64_t> recv_rows) {
+  if (input.scalar_type() == at::kFloat8_e4m3fn) {
+    // Gloo has no FP8 type: the rows travel as bytes (the work is registered on the storage,
+    // which the FP8 view shares).
+    return start_all_to_all_rows(group, input.view(at::kByte), std::move(send_rows),
+                                 std::move(recv_rows))
+        .view(at::kFloat8_e4m3fn);
+  }
   std::vector<int64_t> shape = input.sizes().vec();
   if (!recv_rows.empty()) {
     shape[0] = 0;

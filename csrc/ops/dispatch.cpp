@@ -35,7 +35,7 @@ MapTensors map_tensors(const at::Tensor& expert_rank, const at::Tensor& expert_l
           std::min(top_k, num_local_experts)};
 }
 
-// The routing weights in the last `width` metadata columns, as float32 [rows, width]: always a
+// The routing weights, metadata columns width..2 width, as float32 [rows, width]: always a
 // copy (the narrowed view of 0 or 1 rows would count as contiguous and alias meta_recv).
 at::Tensor received_weights(const at::Tensor& meta_recv, int64_t width) {
   return meta_recv.narrow(1, width, width).clone(at::MemoryFormat::Contiguous).view(at::kFloat);
@@ -65,10 +65,13 @@ void check_headers(const int64_t* received, const Group& group, const DispatchCo
 
 }  // namespace
 
-std::vector<DispatchStarted> dispatch_start_chunks(
-    const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-    const at::Tensor& expert_rank, const at::Tensor& expert_local, int64_t num_local_experts,
-    int64_t num_chunks, std::string_view group_name, ArgProblem problem) {
+std::vector<DispatchStarted> dispatch_start_chunks(const at::Tensor& x, const at::Tensor& topk_ids,
+                                                   const at::Tensor& topk_weights,
+                                                   const at::Tensor& expert_rank,
+                                                   const at::Tensor& expert_local,
+                                                   int64_t num_local_experts, int64_t num_chunks,
+                                                   std::string_view group_name, ArgProblem problem,
+                                                   std::optional<at::ScalarType> dispatch_dtype) {
   const Group group = resolve_group(group_name);
   const int64_t world = group->getSize();
   validate_dispatch_args(problem, x, topk_ids, topk_weights, expert_rank, expert_local,
@@ -77,8 +80,9 @@ std::vector<DispatchStarted> dispatch_start_chunks(
     TORCH_CHECK(num_chunks >= 1 && num_chunks <= core::kMaxChunks, "moe_ep: argument ",
                 "'num_chunks' must be in [1, ", core::kMaxChunks, "], got ", num_chunks);
   });
-  const DispatchConfig config =
-      dispatch_config(Mode::kExact, x, topk_ids, expert_rank, num_local_experts, 0, num_chunks);
+  const bool fp8 = validate_dispatch_dtype(problem, x, dispatch_dtype);
+  const DispatchConfig config = dispatch_config(Mode::kExact, x, topk_ids, expert_rank,
+                                                num_local_experts, 0, num_chunks, fp8);
   // A rank with a malformed argument still sends its header (of zero counts), on a device its
   // group carries, so that every rank learns of the problem and raises.
   const c10::Device device = problem ? collective_device(group, expert_rank.device()) : x.device();
@@ -113,6 +117,9 @@ std::vector<DispatchStarted> dispatch_start_chunks(
   check_headers(got, group, config, problem);
 
   const int64_t width = std::min(topk_ids.size(1), num_local_experts);
+  // The FP8 dispatch: x's rows as e4m3fn, their scales after the metadata.
+  const at::ScalarType wire_dtype = fp8 ? at::kFloat8_e4m3fn : x.scalar_type();
+  const int64_t scales = fp8 ? core::fp8_scale_blocks(x.size(1)) : 0;
   std::vector<DispatchStarted> started;
   for (int64_t c = 0; c < num_chunks; ++c) {
     std::vector<int64_t> send_rows(world), recv_rows(world);
@@ -124,8 +131,9 @@ std::vector<DispatchStarted> dispatch_start_chunks(
       recv_entries += got[peer * core::kHeaderSize + rows + 1];
     }
     const int64_t rows = std::accumulate(send_rows.begin(), send_rows.end(), int64_t{0});
-    at::Tensor x_send = at::empty({rows, x.size(1)}, x.options());
-    at::Tensor meta_send = at::empty({rows, 2 * width}, topk_ids.options().dtype(at::kInt));
+    at::Tensor x_send = at::empty({rows, x.size(1)}, x.options().dtype(wire_dtype));
+    at::Tensor meta_send =
+        at::empty({rows, 2 * width + scales}, topk_ids.options().dtype(at::kInt));
     at::Tensor token_slot = at::empty({x_chunks[c].size(0), topk_ids.size(1)}, meta_send.options());
     pack_send(x_chunks[c], weight_chunks[c], layouts[c], 0, width, x_send, meta_send, token_slot);
     at::Tensor x_recv = start_all_to_all_rows(group, x_send, send_rows, recv_rows);
@@ -138,43 +146,70 @@ std::vector<DispatchStarted> dispatch_start_chunks(
   return started;
 }
 
+int64_t scale_columns(const at::Tensor& x_recv) {
+  return x_recv.scalar_type() == at::kFloat8_e4m3fn ? core::fp8_scale_blocks(x_recv.size(1)) : 0;
+}
+
+at::ScalarType grouped_dtype(const at::Tensor& x_recv, std::optional<at::ScalarType> dtype) {
+  if (x_recv.scalar_type() != at::kFloat8_e4m3fn) {
+    TORCH_CHECK(!dtype || *dtype == x_recv.scalar_type(), "moe_ep: argument 'dtype' must be None ",
+                "or the dtype of 'x_recv' (", x_recv.scalar_type(), "), got ", *dtype);
+    return x_recv.scalar_type();
+  }
+  TORCH_CHECK(dtype && (*dtype == at::kFloat || *dtype == at::kHalf || *dtype == at::kBFloat16),
+              "moe_ep: argument 'dtype' must name the layer's dtype (float32, float16 or ",
+              "bfloat16) that FP8 rows are dequantized to");
+  return *dtype;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_received(
     const at::Tensor& x_recv, const at::Tensor& meta_recv, int64_t width, int64_t num_local_experts,
-    int64_t out_rows) {
+    int64_t out_rows, at::ScalarType dtype) {
   const Grouping g = group_by_key(meta_recv, width, num_local_experts, /*count_skipped=*/false);
-  return {scatter_rows(x_recv, g.position, out_rows), g.offsets, g.position,
-          received_weights(meta_recv, width)};
+  const int64_t scales = scale_columns(x_recv);
+  at::Tensor x_sorted = scales == 0
+                            ? scatter_rows(x_recv, g.position, out_rows)
+                            : scatter_dequantized_rows(x_recv, meta_recv.narrow(1, -scales, scales),
+                                                       g.position, out_rows, dtype);
+  return {std::move(x_sorted), g.offsets, g.position, received_weights(meta_recv, width)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_dispatch_rows(
     const at::Tensor& x_recv, const at::Tensor& meta_recv, const at::Tensor& recv_entries,
-    int64_t num_local_experts) {
+    int64_t num_local_experts, std::optional<at::ScalarType> dtype) {
   c10d::wait_tensor(x_recv);
   c10d::wait_tensor(meta_recv);
   const c10::DeviceGuard device_guard(x_recv.device());
-  const int64_t width = meta_recv.size(1) / 2, rows = x_recv.size(0);
+  const at::ScalarType out_dtype = grouped_dtype(x_recv, dtype);
+  const int64_t scales = scale_columns(x_recv);
+  const int64_t width = (meta_recv.size(1) - scales) / 2, rows = x_recv.size(0);
   if (num_local_experts == 1 && width == 1) {
     // One local expert (the seeds' one expert per GPU): every row is one entry, already in
-    // arrival order, so the received rows are the grouped rows.
+    // arrival order, so the received rows are the grouped rows (FP8 rows dequantized).
     const auto long_options = meta_recv.options().dtype(at::kLong);
-    return {x_recv, at::arange(2, long_options) * rows,
-            at::arange(rows, meta_recv.options()).view({rows, 1}), received_weights(meta_recv, 1)};
+    at::Tensor row_of = at::arange(rows, meta_recv.options()).view({rows, 1});
+    at::Tensor x_sorted =
+        scales == 0 ? x_recv
+                    : scatter_dequantized_rows(x_recv, meta_recv.narrow(1, -scales, scales), row_of,
+                                               rows, out_dtype);
+    return {std::move(x_sorted), at::arange(2, long_options) * rows, std::move(row_of),
+            received_weights(meta_recv, 1)};
   }
   // The entry count travelled in the header: a CPU tensor, no device read.
-  return group_received(x_recv, meta_recv, width, num_local_experts, recv_entries.item<int64_t>());
+  return group_received(x_recv, meta_recv, width, num_local_experts, recv_entries.item<int64_t>(),
+                        out_dtype);
 }
 
 namespace {
 
-std::vector<at::Tensor> dispatch_start_impl(const at::Tensor& x, const at::Tensor& topk_ids,
-                                            const at::Tensor& topk_weights,
-                                            const at::Tensor& expert_rank,
-                                            const at::Tensor& expert_local,
-                                            int64_t num_local_experts, int64_t num_chunks,
-                                            std::string_view group_name) {
+std::vector<at::Tensor> dispatch_start_impl(
+    const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+    const at::Tensor& expert_rank, const at::Tensor& expert_local, int64_t num_local_experts,
+    int64_t num_chunks, std::string_view group_name, std::optional<at::ScalarType> dispatch_dtype) {
   std::vector<at::Tensor> flat;
-  for (auto& chunk : dispatch_start_chunks(x, topk_ids, topk_weights, expert_rank, expert_local,
-                                           num_local_experts, num_chunks, group_name)) {
+  for (auto& chunk :
+       dispatch_start_chunks(x, topk_ids, topk_weights, expert_rank, expert_local,
+                             num_local_experts, num_chunks, group_name, {}, dispatch_dtype)) {
     std::apply([&](auto&... t) { (flat.push_back(std::move(t)), ...); }, chunk);
   }
   return flat;
@@ -184,8 +219,8 @@ std::vector<at::Tensor> dispatch_start_impl(const at::Tensor& x, const at::Tenso
 // shortcut's rows are copied here; moe_forward and dispatch take them without the copy.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_finish_impl(
     const at::Tensor& x_recv, const at::Tensor& meta_recv, const at::Tensor& recv_entries,
-    int64_t num_local_experts) {
-  auto finished = finish_dispatch_rows(x_recv, meta_recv, recv_entries, num_local_experts);
+    int64_t num_local_experts, std::optional<at::ScalarType> dtype) {
+  auto finished = finish_dispatch_rows(x_recv, meta_recv, recv_entries, num_local_experts, dtype);
   at::Tensor& x_sorted = std::get<0>(finished);
   if (x_sorted.is_alias_of(x_recv)) x_sorted = x_sorted.clone();
   return finished;
@@ -194,13 +229,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_finish_impl(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 dispatch_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
               const at::Tensor& expert_rank, const at::Tensor& expert_local,
-              int64_t num_local_experts, std::string_view group_name) {
+              int64_t num_local_experts, std::string_view group_name,
+              std::optional<at::ScalarType> dispatch_dtype) {
   auto [x_recv, meta_recv, recv_counts, send_counts, token_slot, recv_entries] =
       dispatch_start_chunks(x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts,
-                            1, group_name)
+                            1, group_name, {}, dispatch_dtype)
           .front();
   auto [x_sorted, expert_offsets, recv_row_of, recv_weights] =
-      finish_dispatch_rows(x_recv, meta_recv, recv_entries, num_local_experts);
+      finish_dispatch_rows(x_recv, meta_recv, recv_entries, num_local_experts, x.scalar_type());
   return {x_sorted,    expert_offsets, recv_row_of, recv_weights,
           recv_counts, send_counts,    token_slot};
 }

@@ -27,7 +27,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_capacity_start_impl(
     const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
     const at::Tensor& expert_rank, const at::Tensor& expert_local, int64_t num_local_experts,
-    int64_t capacity, std::string_view group_name) {
+    int64_t capacity, std::string_view group_name, std::optional<at::ScalarType> dispatch_dtype) {
   const Group group = resolve_group(group_name);
   const int64_t world = group->getSize(), top_k = topk_ids.dim() == 2 ? topk_ids.size(1) : 0;
   ArgProblem problem;
@@ -36,16 +36,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_capacity_start_impl(
   validate(problem, Arg::kCapacity, [&] {
     TORCH_CHECK(capacity >= 1, "moe_ep: argument 'capacity' must be >= 1, got ", capacity);
   });
-  const DispatchConfig config =
-      dispatch_config(Mode::kCapacity, x, topk_ids, expert_rank, num_local_experts, capacity, 1);
+  const bool fp8 = validate_dispatch_dtype(problem, x, dispatch_dtype);
+  const DispatchConfig config = dispatch_config(Mode::kCapacity, x, topk_ids, expert_rank,
+                                                num_local_experts, capacity, 1, fp8);
   agree_once(group, group_name, config, problem);
   const c10::DeviceGuard device_guard(x.device());
   const CommScope scope(x.device());
   const int64_t width = std::min(top_k, num_local_experts), rows = world * capacity;
   const int64_t status_column = 2 * width;
-  at::Tensor meta_send =
-      at::full({rows, status_column + core::kStatusSize}, -1, topk_ids.options().dtype(at::kInt));
-  at::Tensor x_send = at::empty({rows, x.size(1)}, x.options());
+  // The FP8 dispatch: x's rows as e4m3fn, their scales after the status columns.
+  const int64_t scales = fp8 ? core::fp8_scale_blocks(x.size(1)) : 0;
+  at::Tensor meta_send = at::full({rows, status_column + core::kStatusSize + scales}, -1,
+                                  topk_ids.options().dtype(at::kInt));
+  at::Tensor x_send =
+      at::empty({rows, x.size(1)}, x.options().dtype(fp8 ? at::kFloat8_e4m3fn : x.scalar_type()));
   at::Tensor token_slot = at::empty(topk_ids.sizes(), meta_send.options());
   const at::Tensor ws = dispatch_workspace(1, world, x.options());
   const SendLayout layout = lay_out_send(
@@ -62,14 +66,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_capacity_start_impl(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 dispatch_capacity_finish_impl(const at::Tensor& x_recv, const at::Tensor& meta_recv,
-                              int64_t num_local_experts, int64_t capacity) {
+                              int64_t num_local_experts, int64_t capacity,
+                              std::optional<at::ScalarType> dtype) {
   c10d::wait_tensor(x_recv);
   c10d::wait_tensor(meta_recv);
   const c10::DeviceGuard device_guard(x_recv.device());
+  const at::ScalarType out_dtype = grouped_dtype(x_recv, dtype);
   const int64_t rows = x_recv.size(0), stride = meta_recv.size(1);
-  const int64_t width = (stride - core::kStatusSize) / 2;
+  const int64_t width = (stride - core::kStatusSize - scale_columns(x_recv)) / 2;
   auto [x_sorted, expert_offsets, recv_row_of, recv_weights] =
-      group_received(x_recv, meta_recv, width, num_local_experts, rows * width);
+      group_received(x_recv, meta_recv, width, num_local_experts, rows * width, out_dtype);
   const at::Tensor status = meta_recv.view({rows / capacity, capacity, stride})
                                 .select(1, 0)
                                 .narrow(1, 2 * width, core::kStatusSize)
@@ -81,12 +87,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 dispatch_capacity_impl(const at::Tensor& x, const at::Tensor& topk_ids,
                        const at::Tensor& topk_weights, const at::Tensor& expert_rank,
                        const at::Tensor& expert_local, int64_t num_local_experts, int64_t capacity,
-                       std::string_view group_name) {
+                       std::string_view group_name, std::optional<at::ScalarType> dispatch_dtype) {
   const auto [x_recv, meta_recv, token_slot] =
       dispatch_capacity_start_impl(x, topk_ids, topk_weights, expert_rank, expert_local,
-                                   num_local_experts, capacity, group_name);
+                                   num_local_experts, capacity, group_name, dispatch_dtype);
   auto [x_sorted, expert_offsets, recv_row_of, recv_weights, status] =
-      dispatch_capacity_finish_impl(x_recv, meta_recv, num_local_experts, capacity);
+      dispatch_capacity_finish_impl(x_recv, meta_recv, num_local_experts, capacity,
+                                    x.scalar_type());
   return {x_sorted, expert_offsets, recv_row_of, recv_weights, token_slot, status};
 }
 

@@ -24,7 +24,8 @@ constexpr const char* kArgNames[] = {"",
                                      "capacity",
                                      "w13",
                                      "w2",
-                                     "slot_counts"};
+                                     "slot_counts",
+                                     "dispatch_dtype"};
 
 constexpr const char* kFieldNames[kConfigSize] = {
     "dispatch mode (exact or fixed-capacity)",
@@ -35,6 +36,7 @@ constexpr const char* kFieldNames[kConfigSize] = {
     "argument 'num_local_experts'",
     "argument 'capacity'",
     "argument 'num_chunks'",
+    "FP8 dispatch (argument 'dispatch_dtype': 1 is float8_e4m3fn, 0 the dtype of 'x')",
 };
 
 std::string rank_source(int64_t peer) { return "rank " + std::to_string(peer) + "'s "; }
@@ -118,6 +120,17 @@ void validate_dispatch_args(ArgProblem& problem, const at::Tensor& x, const at::
   });
 }
 
+bool validate_dispatch_dtype(ArgProblem& problem, const at::Tensor& x,
+                             std::optional<at::ScalarType> dispatch_dtype) {
+  validate(problem, Arg::kDispatchDtype, [&] {
+    TORCH_CHECK(!dispatch_dtype || *dispatch_dtype == x.scalar_type() ||
+                    *dispatch_dtype == at::kFloat8_e4m3fn,
+                "moe_ep: argument 'dispatch_dtype' must be None, the dtype of 'x' (",
+                x.scalar_type(), ") or float8_e4m3fn, got ", *dispatch_dtype);
+  });
+  return dispatch_dtype == at::kFloat8_e4m3fn;
+}
+
 int64_t DispatchConfig::hash() const {
   uint64_t h = 1469598103934665603ull;  // FNV-1a over the fields' bytes
   for (const int64_t field : fields) {
@@ -131,7 +144,7 @@ int64_t DispatchConfig::hash() const {
 
 DispatchConfig dispatch_config(Mode mode, const at::Tensor& x, const at::Tensor& topk_ids,
                                const at::Tensor& expert_rank, int64_t num_local_experts,
-                               int64_t capacity, int64_t num_chunks) {
+                               int64_t capacity, int64_t num_chunks, bool fp8) {
   DispatchConfig c;
   c.fields[kConfigMode] = static_cast<int64_t>(mode);
   c.fields[kConfigHidden] = x.dim() == 2 ? x.size(1) : -1;
@@ -141,6 +154,7 @@ DispatchConfig dispatch_config(Mode mode, const at::Tensor& x, const at::Tensor&
   c.fields[kConfigLocal] = num_local_experts;
   c.fields[kConfigCapacity] = capacity;
   c.fields[kConfigChunks] = num_chunks;
+  c.fields[kConfigFp8] = fp8 ? 1 : 0;
   return c;
 }
 

@@ -15,6 +15,7 @@
 
 #include <array>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -36,6 +37,7 @@ enum class Arg : int {
   kW13,
   kW2,
   kSlotCounts,
+  kDispatchDtype,
 };
 
 // The first malformed argument found on this rank, with the check's own message.
@@ -64,6 +66,11 @@ void validate_dispatch_args(ArgProblem& problem, const at::Tensor& x, const at::
                             const at::Tensor& expert_local, int64_t num_local_experts,
                             int64_t world);
 
+// Whether `dispatch_dtype` asks for the FP8 dispatch (float8_e4m3fn; docs/dispatch.md): None
+// or x's dtype sends x as it is; any other dtype is recorded as a problem.
+bool validate_dispatch_dtype(ArgProblem& problem, const at::Tensor& x,
+                             std::optional<at::ScalarType> dispatch_dtype);
+
 enum ConfigField : int {
   kConfigMode,  // 1 exact, 2 fixed capacity
   kConfigHidden,
@@ -73,6 +80,7 @@ enum ConfigField : int {
   kConfigLocal,
   kConfigCapacity,
   kConfigChunks,
+  kConfigFp8,  // 1: the FP8 dispatch
   kConfigSize,
 };
 
@@ -88,7 +96,7 @@ enum class Mode : int64_t { kExact = 1, kCapacity = 2 };
 // fields: its problem is reported first).
 DispatchConfig dispatch_config(Mode mode, const at::Tensor& x, const at::Tensor& topk_ids,
                                const at::Tensor& expert_rank, int64_t num_local_experts,
-                               int64_t capacity, int64_t num_chunks);
+                               int64_t capacity, int64_t num_chunks, bool fp8 = false);
 
 // Raises for the DispatchError bits of rank `peer` (this rank's own problem has the
 // detailed message).

@@ -104,6 +104,49 @@ at::Tensor scatter_rows(const at::Tensor& rows, const at::Tensor& position, int6
   return out;
 }
 
+at::Tensor scatter_dequantized_rows(const at::Tensor& rows, const at::Tensor& scales,
+                                    const at::Tensor& position, int64_t out_rows,
+                                    at::ScalarType dtype) {
+  RECORD_FUNCTION("moe_ep::scatter_dequantized_rows", {});
+  TORCH_INTERNAL_ASSERT(rows.scalar_type() == at::kFloat8_e4m3fn && rows.is_contiguous() &&
+                        scales.scalar_type() == at::kInt && scales.stride(1) == 1);
+  at::Tensor out = at::empty({out_rows, rows.size(1)}, rows.options().dtype(dtype));
+  const int64_t count = rows.size(0), hidden = rows.size(1), width = position.size(1);
+  const auto* values = static_cast<const uint8_t*>(rows.data_ptr());
+  const int32_t* scale_words = scales.data_ptr<int32_t>();
+  const int32_t* places = position.data_ptr<int32_t>();
+#ifdef MOE_EP_WITH_CUDA
+  if (rows.is_cuda()) {
+    C10_CUDA_CHECK(kernels::launch_scatter_dequantized(
+        values, count, hidden, scale_words, scales.stride(0), static_cast<int32_t>(width), places,
+        kernel_dtype(dtype), out.data_ptr(), current_stream()));
+    return out;
+  }
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scatter_dequantized", [&] {
+    auto* to = out.data_ptr<scalar_t>();
+    at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* first = nullptr;  // the row decoded once, copied to its other places
+        for (int64_t s = 0; s < width; ++s) {
+          const int32_t place = places[r * width + s];
+          if (place < 0) continue;
+          scalar_t* row = to + place * hidden;
+          if (first == nullptr) {
+            core::dequantize_row(
+                values + r * hidden,
+                reinterpret_cast<const uint8_t*>(scale_words + r * scales.stride(0)), hidden, row);
+            first = row;
+          } else {
+            std::memcpy(row, first, hidden * sizeof(scalar_t));
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
 at::Tensor dispatch_workspace(int64_t chunks, int64_t world, const at::TensorOptions& options) {
   return at::zeros({2 + chunks * world}, options.dtype(at::kLong));
 }
@@ -198,6 +241,9 @@ void pack_send(const at::Tensor& x, const at::Tensor& weights, const SendLayout&
   const at::Tensor rows = x.contiguous();
   const at::Tensor w = weights.to(at::kFloat).contiguous();
   RECORD_FUNCTION("moe_ep::pack", {});
+  // The FP8 dispatch: its scales in the last columns of the metadata.
+  const bool fp8 = x_send.scalar_type() == at::kFloat8_e4m3fn;
+  const int64_t scale_column = meta_send.size(1) - core::fp8_scale_blocks(rows.size(1));
   const core::PackArgs args{static_cast<const uint8_t*>(rows.data_ptr()),
                             rows.size(1) * rows.element_size(),
                             w.data_ptr<float>(),
@@ -214,13 +260,21 @@ void pack_send(const at::Tensor& x, const at::Tensor& weights, const SendLayout&
                             static_cast<int32_t>(meta_send.stride(0)),
                             static_cast<uint8_t*>(x_send.data_ptr()),
                             meta_send.data_ptr<int32_t>(),
-                            token_slot.data_ptr<int32_t>()};
+                            token_slot.data_ptr<int32_t>(),
+                            fp8 ? static_cast<int32_t>(scale_column) : -1};
 #ifdef MOE_EP_WITH_CUDA
   if (rows.is_cuda()) {
-    C10_CUDA_CHECK(kernels::launch_pack(args, current_stream()));
+    C10_CUDA_CHECK(
+        fp8 ? kernels::launch_pack_fp8(args, kernel_dtype(rows.scalar_type()), current_stream())
+            : kernels::launch_pack(args, current_stream()));
     return;
   }
 #endif
+  if (fp8) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "pack_fp8",
+                                    [&] { core::pack_rows_fp8<scalar_t>(args); });
+    return;
+  }
   core::pack_rows(args);
 }
 

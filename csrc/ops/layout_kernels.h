@@ -28,6 +28,13 @@ Grouping group_by_key(const at::Tensor& keys, int64_t width, int64_t num_keys, b
 // position >= 0. Rows of the output that no position names are left unwritten.
 at::Tensor scatter_rows(const at::Tensor& rows, const at::Tensor& position, int64_t out_rows);
 
+// scatter_rows of the FP8 dispatch's rows (float8_e4m3fn [R, H]) dequantized to `dtype` on the
+// way, in one pass: each row is decoded once, with its block scales (core/fp8.h), float32 bits
+// in the int32 columns `scales` [R, ceil(H / 128)] (a view of the metadata, row stride free).
+at::Tensor scatter_dequantized_rows(const at::Tensor& rows, const at::Tensor& scales,
+                                    const at::Tensor& position, int64_t out_rows,
+                                    at::ScalarType dtype);
+
 // Zeroed counters of a dispatch of `chunks` chunks (int64): misuse bits, map checksum, then
 // (token, choice) pairs per rank of every chunk.
 at::Tensor dispatch_workspace(int64_t chunks, int64_t world, const at::TensorOptions& options);
@@ -62,6 +69,8 @@ void write_status(at::Tensor& meta_send, int64_t status_column, int64_t capacity
 
 // The send rows of one chunk: x's rows and their metadata (meta_send's first 2W columns), and
 // token_slot. capacity 0: the exact mode's rows (rank_offsets order); else blocks of capacity.
+// An x_send of float8_e4m3fn is the FP8 dispatch: x's rows quantized in the same pass, their
+// scales in meta_send's last ceil(H / 128) columns.
 void pack_send(const at::Tensor& x, const at::Tensor& weights, const SendLayout& layout,
                int64_t capacity, int64_t width, at::Tensor& x_send, at::Tensor& meta_send,
                at::Tensor& token_slot);

@@ -56,7 +56,8 @@ at::Tensor moe_forward_impl(const at::Tensor& x, const at::Tensor& topk_ids,
                             const at::Tensor& w13, const at::Tensor& w2,
                             std::string_view activation, int64_t num_chunks,
                             std::string_view group_name,
-                            const std::optional<at::Tensor>& slot_counts) {
+                            const std::optional<at::Tensor>& slot_counts,
+                            std::optional<at::ScalarType> dispatch_dtype) {
   // The weights and the counts are checked before the dispatch's header exchange and travel in
   // it: a bad argument on one rank raises on every rank.
   ArgProblem problem;
@@ -78,12 +79,12 @@ at::Tensor moe_forward_impl(const at::Tensor& x, const at::Tensor& topk_ids,
   const Ops& op = ops();
   const std::vector<DispatchStarted> started =
       dispatch_start_chunks(x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts,
-                            num_chunks, group_name, std::move(problem));
+                            num_chunks, group_name, std::move(problem), dispatch_dtype);
   std::vector<at::Tensor> returning;
   returning.reserve(num_chunks);
   for (const auto& [x_recv, meta_recv, recv_counts, send_counts, token_slot, entries] : started) {
     const auto [x_sorted, offsets, recv_row_of, recv_weights] =
-        finish_dispatch_rows(x_recv, meta_recv, entries, num_local_experts);
+        finish_dispatch_rows(x_recv, meta_recv, entries, num_local_experts, x.scalar_type());
     // A rank with fewer experts than the widest one ignores the empty trailing groups.
     const at::Tensor own_offsets = offsets.narrow(0, 0, w13.size(0) + 1);
     if (slot_counts) slot_counts->add_(own_offsets.diff());

@@ -36,7 +36,10 @@ TORCH_LIBRARY(moe_ep, m) {
   // (expert_local). A token goes once to each rank that hosts one of its choices, with
   // W = min(k, num_local_experts) metadata slots. Misuse on one rank (a malformed argument, an
   // id outside the map, ranks that disagree on the configuration or the map) raises on every
-  // rank of the group.
+  // rank of the group. dispatch_dtype=float8_e4m3fn is the FP8 dispatch: x travels as e4m3fn
+  // with one float32 scale per 128 channels of a token (in its metadata row), and the receiver
+  // dequantizes it to the layer dtype (the finish ops' `dtype`, which FP8 rows need) in its
+  // row scatter; combine stays in the layer dtype. Every rank must ask for it alike.
   // dispatch_layout: what dispatch would send, without communicating (one host read). Returns
   // (send_counts int64 [world], entry_counts int64 [world], send_token int64 [S],
   //  send_local_ids int32 [S, W], send_choice int64 [S, W], token_slot int32 [T, k]).
@@ -50,8 +53,9 @@ TORCH_LIBRARY(moe_ep, m) {
   // token_slot int32 [T, k]).
   m.def(
       "dispatch(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor expert_rank, "
-      "Tensor expert_local, int num_local_experts, str group_name) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor expert_local, int num_local_experts, str group_name, "
+      "ScalarType? dispatch_dtype=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
   // Fixed-capacity dispatch (decode, CUDA graphs): capacity rows to every rank, nothing read on
   // the host (the configuration is agreed once per group and configuration, before the first
   // transfer). Returns (x_sorted [world*capacity*W, H]: the received entries grouped by local
@@ -62,8 +66,8 @@ TORCH_LIBRARY(moe_ep, m) {
   // Combine it with recv_counts = send_counts = [capacity] * world.
   m.def(
       "dispatch_capacity(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor expert_rank, "
-      "Tensor expert_local, int num_local_experts, int capacity, str group_name) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor expert_local, int num_local_experts, int capacity, str group_name, "
+      "ScalarType? dispatch_dtype=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Each of dispatch, dispatch_capacity and combine is also split in two for overlap: *_start
   // computes the layout and starts the transfers (their results are registered with c10d, as
   // functional collectives do), *_finish waits for them and completes the op. The caller
@@ -72,17 +76,18 @@ TORCH_LIBRARY(moe_ep, m) {
   // meta_recv, recv_counts, send_counts, token_slot, recv_entries).
   m.def(
       "dispatch_start(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor expert_rank, "
-      "Tensor expert_local, int num_local_experts, int num_chunks, str group_name) -> Tensor[]");
+      "Tensor expert_local, int num_local_experts, int num_chunks, str group_name, "
+      "ScalarType? dispatch_dtype=None) -> Tensor[]");
   m.def(
       "dispatch_finish(Tensor x_recv, Tensor meta_recv, Tensor recv_entries, "
-      "int num_local_experts) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int num_local_experts, ScalarType? dtype=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "dispatch_capacity_start(Tensor x, Tensor topk_ids, Tensor topk_weights, "
       "Tensor expert_rank, Tensor expert_local, int num_local_experts, int capacity, "
-      "str group_name) -> (Tensor, Tensor, Tensor)");
+      "str group_name, ScalarType? dispatch_dtype=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "dispatch_capacity_finish(Tensor x_recv, Tensor meta_recv, int num_local_experts, "
-      "int capacity) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int capacity, ScalarType? dtype=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "combine_start(Tensor y, Tensor recv_row_of, Tensor recv_weights, Tensor recv_counts, "
       "Tensor send_counts, str group_name) -> Tensor");
@@ -96,7 +101,8 @@ TORCH_LIBRARY(moe_ep, m) {
   m.def(
       "moe_forward(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor expert_rank, "
       "Tensor expert_local, int num_local_experts, Tensor w13, Tensor w2, str activation, "
-      "int num_chunks, str group_name, Tensor(a!)? slot_counts=None) -> Tensor");
+      "int num_chunks, str group_name, Tensor(a!)? slot_counts=None, "
+      "ScalarType? dispatch_dtype=None) -> Tensor");
   m.def(
       "combine(Tensor y_sorted, Tensor recv_row_of, Tensor recv_weights, Tensor recv_counts, "
       "Tensor send_counts, Tensor token_slot, str group_name) -> Tensor");

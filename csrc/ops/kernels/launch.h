@@ -77,6 +77,18 @@ cudaError_t launch_write_status(int32_t* meta, int32_t meta_stride, int32_t stat
 
 cudaError_t launch_pack(const core::PackArgs& args, cudaStream_t stream);
 
+// launch_pack for the FP8 dispatch (args.scale_column >= 0), x of `dtype`: one pass over x's
+// rows, each quantized once (core/fp8.h) and written with its scales to every row it owns.
+cudaError_t launch_pack_fp8(const core::PackArgs& args, DType dtype, cudaStream_t stream);
+
+// The receiver's row scatter of FP8 rows (e4m3fn codes [num_rows, hidden]), dequantized to
+// `dtype`: out[position[r * width + s]] = rows[r] x its block scales (float32 bits at
+// scales[r * scale_stride + block]) for every position >= 0; each row is decoded once.
+cudaError_t launch_scatter_dequantized(const uint8_t* rows, int64_t num_rows, int64_t hidden,
+                                       const int32_t* scales, int64_t scale_stride, int32_t width,
+                                       const int32_t* position, DType dtype, void* out,
+                                       cudaStream_t stream);
+
 // expert_ffn: out[r, :ffn] = act(gate_up[r, :ffn]) * gate_up[r, ffn:] in fp32, rounded, for
 // r < min(rows, *row_bound). row_bound is a DEVICE int64 (expert_offsets[E]: the rows that
 // arrived in a fixed-size buffer), read by the kernel; nullptr: all rows.
