@@ -69,6 +69,18 @@ def test_deepseek_group_score_rule_is_read_from_the_family():
     assert not torch.equal(ids.long().sort(-1).values, expected.sort(-1).values)
 
 
+def test_convert_passes_the_dispatch_dtype_to_every_layer():
+    """The FP8 wire format (tests/test_fp8_dispatch.py checks its accuracy) is a convert()
+    option; the default keeps the layer's dtype."""
+    model = small_model("mixtral")
+    fp8 = integration.convert(copy.deepcopy(model), dispatch_dtype=torch.float8_e4m3fn)
+    default = integration.convert(copy.deepcopy(model))
+    assert [b.moe.dispatch_dtype for b in integration.moe_blocks(fp8)] == [
+        torch.float8_e4m3fn
+    ] * len(integration.moe_blocks(fp8))
+    assert all(b.moe.dispatch_dtype == b.moe.w13.dtype for b in integration.moe_blocks(default))
+
+
 def test_bfloat16_routers_compute_logits_as_the_family_does():
     """Mixtral computes its logits in the model's dtype, DeepSeek-V3 in float32."""
     for family, logits_dtype in (("mixtral", torch.bfloat16), ("deepseek_v3", torch.float32)):

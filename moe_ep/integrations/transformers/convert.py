@@ -71,6 +71,7 @@ def convert(
     capacity: int | None = None,
     num_chunks: int | None = None,
     device: torch.device | str | None = None,
+    dispatch_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Replaces, in place, every MoE block of a supported family with a MoEBlock and returns
     the model.
@@ -81,7 +82,8 @@ def convert(
         group: the expert-parallel process group (None: every expert on this rank).
         placement: one ExpertPlacement for every MoE layer, or one per MoE layer in module
             order (the planner's, say); default contiguous blocks.
-        dispatch_mode, capacity, num_chunks: MoELayer's.
+        dispatch_mode, capacity, num_chunks, dispatch_dtype: MoELayer's
+            (dispatch_dtype=torch.float8_e4m3fn sends the tokens to the experts in FP8).
         device: of the MoELayers (default: the device of the block's router weight, or the
             CPU when the model was built on the meta device).
 
@@ -115,12 +117,15 @@ def convert(
                 capacity,
                 num_chunks,
                 device,
+                dispatch_dtype,
             ),
         )
     return model
 
 
-def _convert_block(block, config, group, placement, dispatch_mode, capacity, num_chunks, device):
+def _convert_block(
+    block, config, group, placement, dispatch_mode, capacity, num_chunks, device, dispatch_dtype
+):
     router, experts = block.gate, block.experts
     on_meta = experts.gate_up_proj.is_meta
     if device is None:
@@ -133,6 +138,7 @@ def _convert_block(block, config, group, placement, dispatch_mode, capacity, num
         dispatch_mode=dispatch_mode,
         capacity=capacity,
         num_chunks=num_chunks,
+        dispatch_dtype=dispatch_dtype,
     )
     bias_name = "e_score_correction_bias"
     source_names = {
