@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "bindings/bindings.h"
+#include "ops/deadline.h"
 #include "ops/dispatch_config.h"
 #include "ops/host_reads.h"
 
@@ -22,6 +23,23 @@ PYBIND11_MODULE(_C, m) {
       "describe_dispatch_errors",
       [](int64_t errors) { return moe_ep::ops::describe_errors(errors, /*num_experts=*/0); },
       "The misuse named by a dispatch status's error bits.");
+  using Seconds = std::chrono::duration<double>;
+  auto milliseconds = [](double seconds) {
+    return std::chrono::duration_cast<moe_ep::ops::Milliseconds>(Seconds(seconds));
+  };
+  m.def(
+      "default_deadline", [] { return Seconds(moe_ep::ops::default_deadline()).count(); },
+      "The default deadline of moe_ep's collectives, in seconds (moe_ep.deadline).");
+  m.def(
+      "set_default_deadline",
+      [=](double seconds) { moe_ep::ops::set_default_deadline(milliseconds(seconds)); },
+      "Sets the default deadline of moe_ep's collectives, in seconds.");
+  m.def(
+      "set_thread_deadline",
+      [=](double seconds) {
+        return Seconds(moe_ep::ops::set_thread_deadline(milliseconds(seconds))).count();
+      },
+      "Sets this thread's deadline in seconds (0: the default); returns the previous one.");
   moe_ep::bindings::bind_placement(m);
   moe_ep::bindings::bind_perf(m);
 }

@@ -23,6 +23,7 @@
 #include "core/dispatch_layout.h"
 #include "ops/checks.h"
 #include "ops/collectives.h"
+#include "ops/deadline.h"
 #include "ops/host_reads.h"
 #include "ops/layout_kernels.h"
 
@@ -100,7 +101,8 @@ std::vector<DispatchStarted> dispatch_start_chunks(
     header = header.to(device);
   }
   // The one host read: every peer's header, and this rank's own (its send counts).
-  const at::Tensor received = all_to_all_rows(group, header);
+  const at::Tensor received =
+      all_to_all_rows("dispatch (exact size): the header exchange", group, header);
   const std::vector<int64_t> headers = read_to_host(at::cat({header, received}));
   const int64_t* sent = headers.data();
   const int64_t* got = headers.data() + world * core::kHeaderSize;
@@ -132,10 +134,30 @@ std::vector<DispatchStarted> dispatch_start_chunks(
   return started;
 }
 
+void check_received(const at::Tensor& x_recv, const at::Tensor& meta_recv,
+                    int64_t num_local_experts, int64_t status_columns) {
+  check_dim(x_recv, 2, "x_recv");
+  check_float_dtype(x_recv, "x_recv");
+  check_dim(meta_recv, 2, "meta_recv");
+  check_dtype(meta_recv, at::kInt, "meta_recv");
+  check_size(meta_recv, 0, x_recv.size(0), "meta_recv");
+  check_same_device(meta_recv, x_recv, "meta_recv", "x_recv");
+  const int64_t metadata = meta_recv.size(1) - status_columns;
+  TORCH_CHECK(metadata >= 2 && metadata % 2 == 0, "moe_ep: argument 'meta_recv' must have 2W",
+              status_columns ? " + 4" : "", " columns (W >= 1), got shape ", meta_recv.sizes());
+  TORCH_CHECK(num_local_experts >= 1, "moe_ep: argument 'num_local_experts' must be >= 1, got ",
+              num_local_experts);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_received(
     const at::Tensor& x_recv, const at::Tensor& meta_recv, int64_t width, int64_t num_local_experts,
     int64_t out_rows) {
   const Grouping g = group_by_key(meta_recv, width, num_local_experts, /*count_skipped=*/false);
+  // A wrong entry count must not write past the buffer; on the CPU the count is at hand.
+  TORCH_CHECK(meta_recv.is_cuda() || g.offsets.data_ptr<int64_t>()[num_local_experts] <= out_rows,
+              "moe_ep: argument 'recv_entries' (", out_rows, ") is below the entries that ",
+              "arrived (", g.offsets.data_ptr<int64_t>()[num_local_experts],
+              "): pass the one dispatch_start returned");
   return {scatter_rows(x_recv, g.position, out_rows), g.offsets, g.position,
           meta_recv.narrow(1, width, width).contiguous().view(at::kFloat)};
 }
@@ -159,8 +181,15 @@ std::vector<at::Tensor> dispatch_start_impl(const at::Tensor& x, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_finish_impl(
     const at::Tensor& x_recv, const at::Tensor& meta_recv, const at::Tensor& recv_entries,
     int64_t num_local_experts) {
-  c10d::wait_tensor(x_recv);
-  c10d::wait_tensor(meta_recv);
+  check_received(x_recv, meta_recv, num_local_experts, 0);
+  TORCH_CHECK(recv_entries.dim() == 1 && recv_entries.numel() == 1 &&
+                  recv_entries.scalar_type() == at::kLong && recv_entries.is_cpu(),
+              "moe_ep: argument 'recv_entries' must be the CPU int64 [1] tensor that ",
+              "dispatch_start returned, got ", recv_entries.scalar_type(), " ",
+              recv_entries.sizes(), " on ", recv_entries.device());
+  TORCH_CHECK(recv_entries.item<int64_t>() >= 0, "moe_ep: argument 'recv_entries' must be >= 0");
+  wait_collective(x_recv, "dispatch_finish: the rows");
+  wait_collective(meta_recv, "dispatch_finish: the rows' routing metadata");
   const c10::DeviceGuard device_guard(x_recv.device());
   const int64_t width = meta_recv.size(1) / 2, rows = x_recv.size(0);
   if (num_local_experts == 1 && width == 1) {

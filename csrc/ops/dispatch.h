@@ -26,6 +26,11 @@ std::vector<DispatchStarted> dispatch_start_chunks(
     const at::Tensor& expert_rank, const at::Tensor& expert_local, int64_t num_local_experts,
     int64_t num_chunks, std::string_view group_name, ArgProblem problem = {});
 
+// Checks what a finish op receives from its start op: x_recv [R, H] (float), meta_recv
+// [R, 2W + status_columns] int32 on x_recv's device, W >= 1, num_local_experts >= 1.
+void check_received(const at::Tensor& x_recv, const at::Tensor& meta_recv,
+                    int64_t num_local_experts, int64_t status_columns);
+
 // The received rows grouped by local expert, stable in arrival order, read from the local ids
 // in the first `width` columns of meta_recv: (x_sorted [out_rows, H], expert_offsets int64
 // [L + 1] on the device, recv_row_of int32 [R, W], recv_weights float32 [R, W]). Rows of

@@ -66,7 +66,9 @@ at::Tensor moe_forward_impl(const at::Tensor& x, const at::Tensor& topk_ids,
   ArgProblem problem;
   validate(problem, Arg::kW13, [&] {
     check_dim(w13, 3, "w13");
-    TORCH_CHECK(w13.size(0) <= num_local_experts, "moe_ep: argument 'w13' holds ", w13.size(0),
+    // (a num_local_experts below 1 is the dispatch's to report)
+    TORCH_CHECK(num_local_experts < 1 || w13.size(0) <= num_local_experts,
+                "moe_ep: argument 'w13' holds ", w13.size(0),
                 " experts, more than num_local_experts=", num_local_experts);
   });
   const Ops& op = ops();

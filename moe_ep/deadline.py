@@ -1,0 +1,89 @@
+"""Deadlines for the collectives moe_ep issues, and the error a failed one raises.
+
+Every all-to-all that moe_ep issues carries the deadline as its c10d timeout: on Gloo the
+collective itself gives up then, on NCCL the watchdog does (docs/reliability.md says what each
+covers). A failure (a peer whose process died, a peer that stopped calling) raises on every
+rank that waits, within the deadline; moe_ep.MoELayer then takes a roll call through the
+group's store (moe_ep.roll_call: only after a failure, nothing per step) and raises
+CollectiveFailure naming the operation, the layer and the ranks that did not answer.
+
+    moe_ep.deadline.set_default(10.0)          # seconds; or MOE_EP_DEADLINE=10 at start
+    layer = moe_ep.MoELayer(..., deadline=5.0)  # this layer's collectives
+    with moe_ep.deadline.guard(group, "my step", 2.0):  # direct dispatcher calls
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import torch.distributed as dist
+
+from moe_ep import _C
+from moe_ep.roll_call import roll_call
+
+__all__ = ["CollectiveFailure", "default", "set_default", "grace", "guard"]
+
+# What the C++ ops raise (csrc/ops/deadline.cpp) when a collective fails.
+_FAILED = re.compile(r"moe_ep: collective failed in (.+?) \(deadline")
+
+
+class CollectiveFailure(dist.DistBackendError):
+    """A collective of an expert-parallel step failed or passed its deadline. The group cannot
+    be used again: rebuild it from the survivors (moe_ep.elastic) or exit.
+
+    Attributes: operation, layer, group_name, missing (group ranks that did not answer the
+    roll call), answered, incident (the roll call's number on this group)."""
+
+    def __init__(self, operation: str, layer: str, group_name: str, call, cause: str):
+        self.operation, self.layer, self.group_name = operation, layer, group_name
+        self.missing, self.answered, self.incident = call.missing, call.answered, call.incident
+        who = (
+            f"rank(s) {list(call.missing)} did not answer"
+            if call.missing
+            else "every rank answered the roll call (the failure was not a lost rank)"
+        )
+        super().__init__(
+            f"moe_ep: layer {layer!r}: {operation} failed on group {group_name}: {who}. "
+            f"Cause: {cause}"
+        )
+
+
+def default() -> float:
+    """The default deadline in seconds (60, or MOE_EP_DEADLINE from the environment)."""
+    return _C.default_deadline()
+
+
+def set_default(seconds: float) -> None:
+    """Sets the deadline of every collective moe_ep issues without a layer's own."""
+    if not seconds > 0:
+        raise ValueError(f"seconds: the deadline must be > 0, got {seconds}")
+    _C.set_default_deadline(float(seconds))
+
+
+def grace(deadline: float) -> float:
+    """How long the survivors of a failure wait for each other in the roll call: long enough
+    for ranks that timed out a little later (their step started later), short against the
+    deadline."""
+    return min(10.0, max(1.0, 0.1 * deadline))
+
+
+@contextlib.contextmanager
+def guard(group: dist.ProcessGroup, layer: str, deadline: float | None = None) -> Iterator[None]:
+    """Runs moe_ep collectives on `group` under `deadline` (None: the default) on this
+    thread; a failed one becomes a CollectiveFailure after a roll call of the group."""
+    if deadline is not None and not deadline > 0:
+        raise ValueError(f"deadline: must be > 0 seconds, got {deadline}")
+    previous = _C.set_thread_deadline(deadline or 0.0)
+    try:
+        yield
+    except dist.DistBackendError as error:
+        found = _FAILED.search(str(error))
+        if isinstance(error, CollectiveFailure) or found is None:
+            raise
+        call = roll_call(group, grace(deadline or default()))
+        raise CollectiveFailure(found.group(1), layer, group.group_name, call, str(error)) from None
+    finally:
+        _C.set_thread_deadline(previous)
