@@ -121,6 +121,14 @@ class ExpertPlacement:
     def has_replicas(self) -> bool:
         return self.num_slots != self.num_experts
 
+    @cached_property
+    def slots_are_experts(self) -> bool:
+        """Slot e is expert e for every e (the one-replica constructors' layout; a planned
+        placement without replicas may number its slots otherwise). Computed once: on a CUDA
+        map it is a device-to-host read."""
+        identity = torch.arange(self.num_experts, device=self.log2phy.device)
+        return self.log2phy.shape[1] == 1 and bool((self.log2phy.view(-1) == identity).all())
+
     @property
     def replica_count(self) -> torch.Tensor:
         """int64 [E]: slots per logical expert."""
@@ -196,8 +204,8 @@ def map_to_slots(topk_ids: torch.Tensor, placement: ExpertPlacement, rank: int) 
     ranks over different replicas. Deterministic, no communication, no host sync. Replicas
     hold identical weights, so the choice of replica never changes the math of the layer.
     """
-    if not placement.has_replicas:
-        return topk_ids  # slot e is expert e
+    if placement.slots_are_experts:
+        return topk_ids
     flat = topk_ids.reshape(-1).long()
     order = flat.argsort(stable=True)
     by_expert = flat[order]

@@ -135,3 +135,18 @@ def test_balancer_rejects_bad_configuration(world_of_one):
 @pytest.mark.parametrize("world", [2, 4])
 def test_rebalance_and_migration_gloo(world, tmp_path):
     mp.spawn(worker, args=(world, os.path.join(tmp_path, "init")), nprocs=world, join=True)
+
+
+def test_a_plan_without_replicas_may_number_its_slots_otherwise():
+    # The planner orders slots by GPU: with one copy per expert, slot e need not be expert e,
+    # and map_to_slots must still go through log2phy (the fuzz found this, issue 15).
+    placement = ExpertPlacement(
+        torch.tensor([0, 0, 1, 1], dtype=torch.int32),
+        torch.tensor([0, 1, 0, 1], dtype=torch.int32),
+        2,
+        torch.tensor([[0], [2], [3], [1]], dtype=torch.int32),
+    )
+    assert not placement.has_replicas and not placement.slots_are_experts
+    ids = torch.tensor([[1, 3], [2, 0]], dtype=torch.int32)
+    assert map_to_slots(ids, placement, rank=0).tolist() == [[2, 1], [3, 0]]
+    assert ExpertPlacement.contiguous(4, 2).slots_are_experts
