@@ -3,6 +3,8 @@
 CUDA kernels are built whenever torch was built with CUDA and nvcc is found (no GPU is
 needed to compile them). MOE_EP_CPU_ONLY=1 forces a CPU-only build, which is much faster
 to iterate on. TORCH_CUDA_ARCH_LIST overrides the default target (Hopper, 9.0).
+MOE_EP_SANITIZE=1 (with MOE_EP_CPU_ONLY=1) instruments the CPU ops with AddressSanitizer and
+UndefinedBehaviorSanitizer (scripts/sanitize.sh).
 """
 
 import glob
@@ -38,9 +40,18 @@ def extension():
     )
     include_dirs = [os.path.join(ROOT, "csrc")]
     cxx_flags = ["-O3", "-fvisibility=hidden"]
+    link_flags = []
+    if os.environ.get("MOE_EP_SANITIZE", "0") == "1":  # scripts/sanitize.sh: CPU ops only
+        sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+        cxx_flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fvisibility=hidden", *sanitizers]
+        link_flags = sanitizers
     if not build_with_cuda():
         return cpp_extension.CppExtension(
-            "moe_ep._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+            "moe_ep._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     sources += relative_glob("csrc/ops/cuda/*.cpp") + relative_glob("csrc/ops/kernels/*.cu")
