@@ -1,0 +1,249 @@
+"""Elastic expert parallelism: serving goes on over the survivors when a rank dies.
+
+    elastic = moe_ep.elastic.ElasticEP(model, full_weights=load_all_experts)
+    for batch in batches:
+        y = elastic.run(lambda: model(batch))  # retried on the survivors after a failure
+
+A collective of an expert-parallel step that fails (a rank's process died) or passes its
+deadline (a rank stopped answering) raises moe_ep.deadline.CollectiveFailure on every
+survivor. ElasticEP.run then recovers, on every survivor, without restarting a process:
+  1. the failed ranks are those the roll call through the group's store agreed on
+     (moe_ep.roll_call): every survivor holds the same set;
+  2. the survivors form a new process group (torch.distributed.new_group with local
+     synchronization: the failed ranks take no part);
+  3. each layer's placement is re-planned for the survivors by the planner (moe_ep.plan),
+     from the slots that survived: only the lost slots are forced to move (max_moves=0), and
+     with a fault domain the replicas are spread again so the next failure loses no expert;
+  4. every expert a survivor newly hosts is copied from a survivor that holds it
+     (point-to-point over the new group, each wait under the deadline), or, for an expert
+     whose every copy died, taken from the host-side copy of the weights (full_weights);
+  5. the layers switch to the new group and placement, and the step runs again: the
+     survivors' requests in flight are retried, not lost (the failed rank's own are gone
+     with it).
+A rank that stalled past the roll call's grace period is left out by the others and gets
+moe_ep.roll_call.RankExcluded: it must stop serving.
+
+The process group's store must outlive the ranks (FileStore, or torchrun's agent store; a
+TCPStore hosted by a rank dies with it). On NCCL, survival also needs the watchdog to abort
+the communicator without tearing the process down (TORCH_NCCL_ASYNC_ERROR_HANDLING=2): see
+docs/reliability.md; only CPU/Gloo has run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe_ep import deadline, plan
+from moe_ep.deadline import CollectiveFailure
+from moe_ep.layer import MoELayer
+from moe_ep.placement import ExpertPlacement
+
+__all__ = ["ElasticEP", "Recovery", "FullWeights"]
+
+T = TypeVar("T")
+# All-expert weights of a layer ([E, 2F, H], [E, H, F]), e.g. read from the checkpoint.
+FullWeights = Callable[[MoELayer], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """One recovery, as this rank saw it."""
+
+    failed: tuple[int, ...]  # ranks of the old group
+    survivors: tuple[int, ...]  # global ranks, in the new group's order
+    operation: str  # what failed
+    copied: int  # expert copies this rank received from survivors
+    restored: int  # experts this rank took from the host-side copy
+    seconds: float  # from the error to the new group, placements and weights in place
+
+
+class ElasticEP:
+    """Keeps the expert-parallel MoELayers of `model` serving over the survivors of failures.
+
+    Args:
+        model: the module; every MoELayer with a group takes part (they must share it).
+        full_weights: returns a layer's all-expert weights (CPU is fine), called only for an
+            expert whose every copy was lost. Without it such a loss raises.
+        fault_domain: "gpu" (default) re-plans so that the next single failure loses no
+            expert where the slots allow; "none" keeps the planner's plain re-plan.
+        loads: per layer, the expected load of each expert (default: uniform), for the
+            re-plan.
+        max_recoveries: failures survived before giving up (the error is raised then).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        full_weights: FullWeights | None = None,
+        *,
+        fault_domain: str = "gpu",
+        loads: Callable[[MoELayer], list[float]] | None = None,
+        max_recoveries: int = 8,
+    ) -> None:
+        self.layers = [
+            m for m in model.modules() if isinstance(m, MoELayer) and m.group is not None
+        ]
+        if not self.layers:
+            raise ValueError("model: has no expert-parallel MoELayer (group=...)")
+        if len({layer.group for layer in self.layers}) != 1:
+            raise ValueError("model: its MoELayers must share one process group")
+        if fault_domain not in ("none", "gpu"):
+            raise ValueError(f"fault_domain: expected 'none' or 'gpu', got {fault_domain!r}")
+        self.full_weights, self.fault_domain, self.loads = full_weights, fault_domain, loads
+        self.max_recoveries = max_recoveries
+        self.recoveries: list[Recovery] = []
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        return self.layers[0].group
+
+    def run(self, step: Callable[[], T]) -> T:
+        """step() (every rank of the group calls it together), run again over the survivors
+        after each failure it meets."""
+        while True:
+            try:
+                return step()
+            except CollectiveFailure as failure:
+                if not failure.missing or len(self.recoveries) >= self.max_recoveries:
+                    raise
+                self.recover(failure)
+
+    def recover(self, failure: CollectiveFailure) -> Recovery:
+        """Moves every layer onto the survivors of `failure` (collective over them)."""
+        start = time.monotonic()
+        old = self.group
+        members = dist.get_process_group_ranks(old)
+        kept = [r for r in range(old.size()) if r not in failure.missing]
+        survivors = [members[r] for r in kept]
+        group = dist.new_group(survivors, use_local_synchronization=True)
+        copied = restored = 0
+        for layer in self.layers:
+            placement = self._replan(layer, kept)
+            w13, w2, c, r = _weights_for(layer, placement, kept, group, self.full_weights)
+            copied, restored = copied + c, restored + r
+            layer.group = group
+            layer.dispatch_status = []
+            layer.set_placement(placement, w13, w2)
+        if old is not dist.group.WORLD:
+            dist.destroy_process_group(old)
+        recovery = Recovery(
+            tuple(failure.missing),
+            tuple(survivors),
+            failure.operation,
+            copied,
+            restored,
+            time.monotonic() - start,
+        )
+        self.recoveries.append(recovery)
+        return recovery
+
+    def _replan(self, layer: MoELayer, kept: list[int]) -> ExpertPlacement:
+        """The planner's placement over the survivors, from the slots that survived."""
+        old = layer.placement
+        new_rank = {r: i for i, r in enumerate(kept)}
+        slot_rank, phy2log = old.slot_rank.tolist(), old.phy2log.tolist()
+        alive = [s for s, r in enumerate(slot_rank) if r in new_rank]
+        previous = plan.LayerPlacement(
+            layer=0,
+            dense=False,
+            phy2log=tuple(phy2log[s] for s in alive),
+            log2phy=(),
+            replica_count=(),
+            gpus=tuple(new_rank[slot_rank[s]] for s in alive),
+        )
+        expert_bytes = (layer.w13[0].numel() + layer.w2[0].numel()) * layer.w13.element_size()
+        model = plan.Model(
+            num_layers=1,
+            dense_layers=(),
+            experts_per_layer=layer.num_experts,
+            top_k=layer.top_k,
+            bytes_per_expert=float(max(expert_bytes, 1)),
+        )
+        cluster = plan.Cluster(num_nodes=1, gpus_per_node=len(kept), gpu_memory_bytes=0)
+        loads = self.loads(layer) if self.loads else None
+        planned = plan.plan(
+            model,
+            cluster,
+            loads=[loads] if loads is not None else None,
+            redundant_experts=max(old.num_slots, layer.num_experts) - layer.num_experts,
+            previous=[previous],
+            max_moves=0,  # only what the failure forces: the fewest weights to copy
+            fault_domain=self.fault_domain,
+        )
+        return ExpertPlacement.from_plan(planned.layers[0], len(kept))
+
+
+def _weights_for(
+    layer: MoELayer,
+    new: ExpertPlacement,
+    kept: list[int],
+    group: dist.ProcessGroup,
+    full_weights: FullWeights | None,
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """This rank's weights for its slots of `new` (w13, w2) and how many experts it received
+    from survivors and took from full_weights. An expert a survivor newly hosts comes from a
+    survivor that held it (one message per (source, destination) pair over the new group,
+    holders taking turns), or from full_weights when every copy died."""
+    old, me = layer.placement, group.rank()
+    held = [old.local_experts(r) for r in kept]  # by new rank
+    holders: dict[int, list[int]] = {}
+    for rank, experts in enumerate(held):
+        for e in experts:
+            holders.setdefault(e, []).append(rank)
+    sends: dict[int, list[int]] = {}
+    recvs: dict[int, list[int]] = {}
+    from_host: list[int] = []
+    for rank in range(len(kept)):
+        for e in sorted(set(new.local_experts(rank)) - set(held[rank])):
+            if e not in holders:
+                if rank == me:
+                    from_host.append(e)
+                continue
+            source = holders[e][rank % len(holders[e])]
+            if source == me:
+                sends.setdefault(rank, []).append(e)
+            if rank == me:
+                recvs.setdefault(source, []).append(e)
+    w13, w2 = layer.w13, layer.w2
+    row_of = {e: i for i, e in enumerate(held[me])}
+    split = w13[0].numel()
+    ops, arrived = [], {}
+    for dest, experts in sorted(sends.items()):
+        rows = torch.tensor([row_of[e] for e in experts], device=w13.device)
+        message = torch.cat([w13[rows].flatten(1), w2[rows].flatten(1)], dim=1)
+        ops.append(dist.P2POp(dist.isend, message, group=group, group_peer=dest))
+    for source, experts in sorted(recvs.items()):
+        message = w13.new_empty(len(experts), split + w2[0].numel())
+        arrived.update(zip(experts, message, strict=True))
+        ops.append(dist.P2POp(dist.irecv, message, group=group, group_peer=source))
+    if ops:
+        timeout = timedelta(seconds=layer.deadline or deadline.default())
+        for work in dist.batch_isend_irecv(ops):
+            work.wait(timeout)
+    copied = len(arrived)
+    if from_host:
+        if full_weights is None:
+            raise RuntimeError(
+                f"moe_ep: layer {layer.name!r}: expert(s) {from_host} lost every copy with the "
+                "failed rank(s) and ElasticEP has no full_weights to restore them from"
+            )
+        all_w13, all_w2 = full_weights(layer)
+        for e in from_host:
+            arrived[e] = torch.cat([all_w13[e].flatten(), all_w2[e].flatten()]).to(w13)
+
+    def rows(weights: torch.Tensor, part: slice) -> torch.Tensor:
+        out = [
+            weights[row_of[e]] if e in row_of else arrived[e][part].view(weights.shape[1:])
+            for e in new.local_experts(me)
+        ]
+        return torch.stack(out) if out else weights.new_empty(0, *weights.shape[1:])
+
+    return rows(w13, slice(0, split)), rows(w2, slice(split, None)), copied, len(from_host)
