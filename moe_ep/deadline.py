@@ -24,7 +24,7 @@ import torch.distributed as dist
 from moe_ep import _C
 from moe_ep.roll_call import roll_call
 
-__all__ = ["CollectiveFailure", "default", "set_default", "grace", "guard"]
+__all__ = ["CollectiveFailure", "default", "set_default", "grace", "set_grace", "guard"]
 
 # What the C++ ops raise (csrc/ops/deadline.cpp) when a collective fails.
 _FAILED = re.compile(r"moe_ep: collective failed in (.+?) \(deadline")
@@ -63,11 +63,24 @@ def set_default(seconds: float) -> None:
     _C.set_default_deadline(float(seconds))
 
 
+_grace: float | None = None  # set_grace's value; None: from the deadline
+
+
 def grace(deadline: float) -> float:
     """How long the survivors of a failure wait for each other in the roll call: long enough
-    for ranks that timed out a little later (their step started later), short against the
-    deadline."""
-    return min(10.0, max(1.0, 0.1 * deadline))
+    for ranks that reach the failure a little later (their step started later), short
+    against the deadline: 10% of it, within [1, 10] s, unless set_grace chose."""
+    return _grace if _grace is not None else min(10.0, max(1.0, 0.1 * deadline))
+
+
+def set_grace(seconds: float | None) -> None:
+    """Sets the roll call's grace period (None: 10% of the deadline, within [1, 10] s). It
+    is most of the time from a rank's death to the survivors' error (and recovery): shorter
+    recovers sooner, but a survivor that reaches the failure later than that is left out."""
+    global _grace
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"seconds: the grace period must be > 0, got {seconds}")
+    _grace = seconds
 
 
 @contextlib.contextmanager
