@@ -103,11 +103,12 @@ def run(
     kind: str,
     fault: str,
     when: str,
-    victim: int,
+    victims: list[int],
     steps: int,
-    fault_step: int,
+    fault_steps: list[int],
     deadline: float,
 ) -> None:
+    """victims[i] fails at step fault_steps[i]."""
     torch.set_num_threads(1)
     moe_ep.deadline.set_default(deadline)
     dist.init_process_group(
@@ -125,7 +126,7 @@ def run(
     step = 0
 
     def fail_here(now: str) -> None:
-        if rank != victim or step != fault_step or now != when:
+        if (rank, step) not in zip(victims, fault_steps, strict=True) or now != when:
             return
         if fault == "die":
             with open(os.path.join(results, f"rank{rank}.json"), "w") as f:
