@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test: the torch-free core with GoogleTest (CTest), then pytest.
+# Runs every test: the torch-free core with GoogleTest (CTest), then pytest, then both under
+# the sanitizers (scripts/sanitize.sh).
 # CUDA tests skip with a reason where no GPU is present.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -12,3 +13,6 @@ cmake --build build/core
 ctest --test-dir build/core --output-on-failure
 
 "$PYTHON" -m pytest -q tests "$@"
+
+# The core and the CPU ops under AddressSanitizer + UndefinedBehaviorSanitizer.
+bash scripts/sanitize.sh
