@@ -58,6 +58,30 @@ def make_placement(kind: str, experts: int, world: int) -> ExpertPlacement:
     return ExpertPlacement.from_plan(planned.layers[0], world)
 
 
+def make_layers(world: int, kind: str, group: dist.ProcessGroup) -> list[moe_ep.MoELayer]:
+    """Two expert-parallel layers, exact size (two chunks) then fixed capacity, each holding
+    its share of the checkpoint."""
+    experts = 2 * world
+    layers = []
+    for index, (mode, chunks) in enumerate((("exact", 2), ("capacity", 1))):
+        layer = moe_ep.MoELayer(
+            HIDDEN,
+            FFN,
+            experts,
+            TOP_K,
+            dtype=torch.float32,
+            group=group,
+            placement=make_placement(kind, experts, world),
+            dispatch_mode=mode,
+            capacity=64,
+            num_chunks=chunks,
+            name=f"layer{index}",
+        )
+        layer.load_full_weights(*weights(experts, index))
+        layers.append(layer)
+    return layers
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kill-rank", type=int, default=2)
@@ -74,23 +98,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     experts = 2 * world
-    layers = []
-    for index, (mode, chunks) in enumerate((("exact", 2), ("capacity", 1))):
-        layer = moe_ep.MoELayer(
-            HIDDEN,
-            FFN,
-            experts,
-            TOP_K,
-            dtype=torch.float32,
-            group=dist.group.WORLD,
-            placement=make_placement(args.placement, experts, world),
-            dispatch_mode=mode,
-            capacity=64,
-            num_chunks=chunks,
-            name=f"layer{index}",
-        )
-        layer.load_full_weights(*weights(experts, index))
-        layers.append(layer)
+    layers = make_layers(world, args.placement, dist.group.WORLD)
     model = torch.nn.Sequential(*layers)
     elastic = ElasticEP(model, lambda layer: weights(experts, layers.index(layer))[1:])
     store = dist.distributed_c10d._get_default_store()

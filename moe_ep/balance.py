@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moe_ep import plan
+from moe_ep import expert_transfer, plan
 from moe_ep.layer import MoELayer
 from moe_ep.placement import ExpertPlacement
 
@@ -155,13 +155,7 @@ class LoadBalancer:
         current one: its slots stay on their ranks unless moving them lowers the load."""
         layer = self.layer
         expert_bytes = (layer.w13[0].numel() + layer.w2[0].numel()) * layer.w13.element_size()
-        model = plan.Model(
-            num_layers=1,
-            dense_layers=(),
-            experts_per_layer=layer.num_experts,
-            top_k=layer.top_k,
-            bytes_per_expert=float(max(expert_bytes, 1)),
-        )
+        model = plan.one_layer(layer.num_experts, layer.top_k, expert_bytes)
         current = layer.placement
         previous = plan.LayerPlacement(
             layer=0,
@@ -221,30 +215,10 @@ class LoadBalancer:
                 recvs.setdefault(source, []).append(e)
         w13, w2 = layer.w13, layer.w2
         row_of = {e: i for i, e in enumerate(old_local)}  # expert -> local row now
-        split = w13[0].numel()  # a message row: w13 then w2 of one expert, flattened
-        ops, received = [], {}
-        # One message per (source, destination) pair, experts in ascending order.
-        for dest, experts in sorted(sends.items()):
-            rows = torch.tensor([row_of[e] for e in experts], device=w13.device)
-            buffer = torch.cat([w13[rows].flatten(1), w2[rows].flatten(1)], dim=1)
-            ops.append(dist.P2POp(dist.isend, buffer, group=group, group_peer=dest))
-        for source, experts in sorted(recvs.items()):
-            buffer = w13.new_empty(len(experts), split + w2[0].numel())
-            received.update(zip(experts, buffer, strict=True))
-            ops.append(dist.P2POp(dist.irecv, buffer, group=group, group_peer=source))
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
-
-        def rows_of(weights: torch.Tensor, part: slice) -> torch.Tensor:
-            rows = [
-                weights[row_of[e]] if e in row_of else received[e][part].view(weights.shape[1:])
-                for e in new.local_experts(me)
-            ]
-            return torch.stack(rows) if rows else weights.new_empty(0, *weights.shape[1:])
-
-        layer.set_placement(new, rows_of(w13, slice(0, split)), rows_of(w2, slice(split, None)))
-        row_bytes = (split + w2[0].numel()) * w13.element_size()
+        received = expert_transfer.exchange(w13, w2, row_of, sends, recvs, group)
+        local = new.local_experts(me)
+        layer.set_placement(new, *expert_transfer.assemble(w13, w2, row_of, received, local))
+        row_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
         return Migration(tuple(transfers), len(transfers) * row_bytes, before, after)
 
 

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_ep import deadline, plan
+from moe_ep import deadline, expert_transfer, plan
 from moe_ep.deadline import CollectiveFailure
 from moe_ep.layer import MoELayer
 from moe_ep.placement import ExpertPlacement
@@ -160,13 +160,7 @@ class ElasticEP:
             gpus=tuple(new_rank[slot_rank[s]] for s in alive),
         )
         expert_bytes = (layer.w13[0].numel() + layer.w2[0].numel()) * layer.w13.element_size()
-        model = plan.Model(
-            num_layers=1,
-            dense_layers=(),
-            experts_per_layer=layer.num_experts,
-            top_k=layer.top_k,
-            bytes_per_expert=float(max(expert_bytes, 1)),
-        )
+        model = plan.one_layer(layer.num_experts, layer.top_k, expert_bytes)
         cluster = plan.Cluster(num_nodes=1, gpus_per_node=len(kept), gpu_memory_bytes=0)
         loads = self.loads(layer) if self.loads else None
         planned = plan.plan(
@@ -198,12 +192,18 @@ def _weights_for(
     for rank, experts in enumerate(held):
         for e in experts:
             holders.setdefault(e, []).append(rank)
+    lost = sorted(set(range(layer.num_experts)) - set(holders))
+    if lost and full_weights is None:  # every survivor sees the same: all raise alike
+        raise RuntimeError(
+            f"moe_ep: layer {layer.name!r}: expert(s) {lost} lost every copy with the failed "
+            "rank(s) and ElasticEP has no full_weights to restore them from"
+        )
     sends: dict[int, list[int]] = {}
     recvs: dict[int, list[int]] = {}
     from_host: list[int] = []
     for rank in range(len(kept)):
         for e in sorted(set(new.local_experts(rank)) - set(held[rank])):
-            if e not in holders:
+            if e in lost:
                 if rank == me:
                     from_host.append(e)
                 continue
@@ -214,36 +214,12 @@ def _weights_for(
                 recvs.setdefault(source, []).append(e)
     w13, w2 = layer.w13, layer.w2
     row_of = {e: i for i, e in enumerate(held[me])}
-    split = w13[0].numel()
-    ops, arrived = [], {}
-    for dest, experts in sorted(sends.items()):
-        rows = torch.tensor([row_of[e] for e in experts], device=w13.device)
-        message = torch.cat([w13[rows].flatten(1), w2[rows].flatten(1)], dim=1)
-        ops.append(dist.P2POp(dist.isend, message, group=group, group_peer=dest))
-    for source, experts in sorted(recvs.items()):
-        message = w13.new_empty(len(experts), split + w2[0].numel())
-        arrived.update(zip(experts, message, strict=True))
-        ops.append(dist.P2POp(dist.irecv, message, group=group, group_peer=source))
-    if ops:
-        timeout = timedelta(seconds=layer.deadline or deadline.default())
-        for work in dist.batch_isend_irecv(ops):
-            work.wait(timeout)
+    timeout = timedelta(seconds=layer.deadline or deadline.default())
+    arrived = expert_transfer.exchange(w13, w2, row_of, sends, recvs, group, timeout)
     copied = len(arrived)
     if from_host:
-        if full_weights is None:
-            raise RuntimeError(
-                f"moe_ep: layer {layer.name!r}: expert(s) {from_host} lost every copy with the "
-                "failed rank(s) and ElasticEP has no full_weights to restore them from"
-            )
         all_w13, all_w2 = full_weights(layer)
         for e in from_host:
-            arrived[e] = torch.cat([all_w13[e].flatten(), all_w2[e].flatten()]).to(w13)
-
-    def rows(weights: torch.Tensor, part: slice) -> torch.Tensor:
-        out = [
-            weights[row_of[e]] if e in row_of else arrived[e][part].view(weights.shape[1:])
-            for e in new.local_experts(me)
-        ]
-        return torch.stack(out) if out else weights.new_empty(0, *weights.shape[1:])
-
-    return rows(w13, slice(0, split)), rows(w2, slice(split, None)), copied, len(from_host)
+            arrived[e] = expert_transfer.flat_row(all_w13[e], all_w2[e]).to(w13)
+    local = new.local_experts(me)
+    return (*expert_transfer.assemble(w13, w2, row_of, arrived, local), copied, len(from_host))

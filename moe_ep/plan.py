@@ -66,6 +66,17 @@ class Model:
         return [layer for layer in range(self.num_layers) if layer not in self.dense_layers]
 
 
+def one_layer(experts: int, top_k: int, bytes_per_expert: float) -> Model:
+    """The Model of a single MoE layer: what a run-time re-plan of one layer plans."""
+    return Model(
+        num_layers=1,
+        dense_layers=(),
+        experts_per_layer=experts,
+        top_k=top_k,
+        bytes_per_expert=float(max(bytes_per_expert, 1)),
+    )
+
+
 def gated_ffn_bytes(hidden: int, ffn_hidden: int, dtype_bytes: int = 2) -> float:
     """Weights of one gated FFN (gate, up and down: 3 x hidden x ffn_hidden x dtype bytes)."""
     return _C.gated_ffn_bytes(hidden, ffn_hidden, dtype_bytes)

@@ -53,3 +53,12 @@ def process_group(rank: int, world: int, init_file: str, backend: str = "gloo"):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def group_name(tmp_path_factory):
+    """The name of a one-rank Gloo world group in this process (opcheck, argument checks)."""
+    init_file = tmp_path_factory.mktemp("dist") / "init"
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    yield dist.group.WORLD.group_name
+    dist.destroy_process_group()

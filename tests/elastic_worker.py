@@ -8,66 +8,32 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from launcher import join_group
 from torch import nn
 
 import moe_ep
-from moe_ep import plan, reference
+from moe_ep import reference
 from moe_ep.elastic import ElasticEP
-from moe_ep.placement import ExpertPlacement
 from moe_ep.roll_call import RankExcluded
 
-HIDDEN, FFN, TOP_K = 32, 16, 2
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from elastic_serving import HIDDEN, TOP_K, make_layers, weights  # noqa: E402
+
 TOLERANCE = 2e-5  # float32, relative to each output row's largest reference magnitude
 
 
-def full_weights(experts: int, layer: int):
-    g = torch.Generator().manual_seed(100 + layer)
-    gate = torch.randn(experts, HIDDEN, generator=g) / HIDDEN**0.5
-    w13 = torch.randn(experts, 2 * FFN, HIDDEN, generator=g) / HIDDEN**0.5
-    w2 = torch.randn(experts, HIDDEN, FFN, generator=g) / FFN**0.5
-    return gate, w13, w2
-
-
-def placement_for(kind: str, experts: int, world: int) -> ExpertPlacement:
-    if kind == "contiguous":  # one copy of each expert: a lost one comes from the host copy
-        return ExpertPlacement.contiguous(experts, world)
-    # Two copies of every expert, never both on one rank: a lost one comes from a survivor.
-    model = plan.Model(1, (), experts, TOP_K, bytes_per_expert=1.0)
-    cluster = plan.Cluster(num_nodes=1, gpus_per_node=world, gpu_memory_bytes=0)
-    planned = plan.plan(model, cluster, redundant_experts=experts, fault_domain="gpu")
-    return ExpertPlacement.from_plan(planned.layers[0], world)
-
-
 class Block(nn.Module):
-    """Two MoE layers in a row: exact size (two chunks) then fixed capacity."""
+    """The example's two layers (exact size, then fixed capacity) in a row."""
 
     def __init__(self, world: int, kind: str) -> None:
         super().__init__()
-        experts = 2 * world
-        self.layers = nn.ModuleList(
-            moe_ep.MoELayer(
-                HIDDEN,
-                FFN,
-                experts,
-                TOP_K,
-                dtype=torch.float32,
-                group=dist.group.WORLD,
-                placement=placement_for(kind, experts, world),
-                dispatch_mode=mode,
-                capacity=32,
-                num_chunks=chunks,
-                name=f"block.{index}",
-            )
-            for index, (mode, chunks) in enumerate((("exact", 2), ("capacity", 1)))
-        )
-        for index, layer in enumerate(self.layers):
-            layer.load_full_weights(*full_weights(experts, index))
+        self.layers = nn.ModuleList(make_layers(world, kind, dist.group.WORLD))
 
     def forward(self, x: torch.Tensor, hook=None) -> list[torch.Tensor]:
         """The input and output of every layer."""
@@ -81,9 +47,9 @@ class Block(nn.Module):
 
 def expected(layer: moe_ep.MoELayer, index: int, x: torch.Tensor) -> torch.Tensor:
     """The layer in float64, routed here from its router weights."""
-    gate, w13, w2 = full_weights(layer.num_experts, index)
-    ids, weights = reference.route(F.linear(x.double(), gate.double()), TOP_K)
-    return reference.moe(x, ids, weights, w13, w2)
+    gate, w13, w2 = weights(layer.num_experts, index)
+    ids, topk_weights = reference.route(F.linear(x.double(), gate.double()), TOP_K)
+    return reference.moe(x, ids, topk_weights, w13, w2)
 
 
 def matches(block: Block, seen: list[torch.Tensor]) -> bool:
@@ -109,19 +75,12 @@ def run(
     deadline: float,
 ) -> None:
     """victims[i] fails at step fault_steps[i]."""
-    torch.set_num_threads(1)
     moe_ep.deadline.set_default(deadline)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),
-    )
+    join_group(rank, world, init_file)
     block = Block(world, kind)
     # The host-side copy: all experts' weights of a layer, as read from a checkpoint.
     elastic = ElasticEP(
-        block, lambda layer: full_weights(layer.num_experts, int(layer.name.split(".")[1]))[1:]
+        block, lambda layer: weights(layer.num_experts, int(layer.name.removeprefix("layer")))[1:]
     )
     step = 0
 

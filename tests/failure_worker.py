@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from launcher import join_group
 
 import moe_ep
 from moe_ep.deadline import CollectiveFailure
@@ -67,15 +67,8 @@ def run(
 ) -> None:
     """mode: "exact" or "capacity"; fault: "die" (os._exit) or "stall" (sleep, then carry
     on); when: "between" (before a step) or "middle" (after the step's first chunk)."""
-    torch.set_num_threads(1)
     moe_ep.deadline.set_default(default_deadline)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),  # the group's own timeout: the deadline must win
-    )
+    join_group(rank, world, init_file)
     layer = make_layer(world, mode, layer_deadline)
     x = torch.randn(12, HIDDEN)
     step = 0

@@ -26,7 +26,6 @@ import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import RELATIVE_TOLERANCE  # noqa: E402
+from launcher import join_group  # noqa: E402
 
 import moe_ep  # noqa: E402
 from moe_ep import plan, reference  # noqa: E402
@@ -268,15 +268,8 @@ def run_case(case: Case, group: dist.ProcessGroup, rank: int) -> dict:
 
 
 def run(rank: int, world: int, init_file: str, results: str, budget: float, seed: int) -> None:
-    torch.set_num_threads(1)
     moe_ep.deadline.set_default(60.0)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=300),
-    )
+    join_group(rank, world, init_file, timeout=300.0)
     groups = {w: dist.new_group(list(range(w))) for w in range(1, world + 1)}
     rng = random.Random(seed)
     start = time.monotonic()

@@ -12,6 +12,10 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
 
 _context = multiprocessing.get_context("forkserver")
 _context.set_forkserver_preload(["torch", "torch.distributed", "moe_ep"])
@@ -37,3 +41,16 @@ def run_ranks(
         else:
             codes.append(process.exitcode)
     return codes, time.monotonic() - start
+
+
+def join_group(rank: int, world: int, init_file: str, timeout: float = 120.0) -> None:
+    """This rank's world group over Gloo (one thread: the ranks share the cores); `timeout`
+    is the group's own, which moe_ep's deadline must beat."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout),
+    )

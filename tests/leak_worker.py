@@ -2,16 +2,16 @@
 tests/test_leaks.py through tests/launcher.py). The steps alternate between an exact-size
 and a fixed-capacity layer (status checked every step) and change the token count from step
 to step (0 included), so every buffer size recurs; each rank writes its samples of
-(step, resident bytes, CUDA bytes allocated) to <results>/rank<r>.json."""
+(step, resident bytes) to <results>/rank<r>.json."""
 
 from __future__ import annotations
 
 import json
 import os
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from launcher import join_group
 
 import moe_ep
 
@@ -25,15 +25,7 @@ def resident_bytes() -> int:
 
 
 def run(rank: int, world: int, init_file: str, results: str, steps: int, every: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),
-    )
-    device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+    join_group(rank, world, init_file)
     layers = [
         moe_ep.MoELayer(
             HIDDEN,
@@ -41,7 +33,6 @@ def run(rank: int, world: int, init_file: str, results: str, steps: int, every: 
             EXPERTS,
             2,
             dtype=torch.float32,
-            device=device,
             group=dist.group.WORLD,
             dispatch_mode=mode,
             capacity=max(TOKENS),
@@ -49,7 +40,7 @@ def run(rank: int, world: int, init_file: str, results: str, steps: int, every: 
         )
         for mode, chunks in (("exact", 2), ("capacity", 1))
     ]
-    inputs = [torch.randn(t, HIDDEN, device=device) for t in TOKENS]
+    inputs = [torch.randn(t, HIDDEN) for t in TOKENS]
     samples = []
     for step in range(steps):
         layer = layers[step % 2]
@@ -57,8 +48,7 @@ def run(rank: int, world: int, init_file: str, results: str, steps: int, every: 
         if layer.dispatch_mode == "capacity":
             layer.check_dispatch_status()
         if step % every == 0 or step == steps - 1:
-            cuda = torch.cuda.memory_allocated() if device == "cuda" else 0
-            samples.append((step, resident_bytes(), cuda))
+            samples.append((step, resident_bytes()))
     with open(os.path.join(results, f"rank{rank}.json"), "w") as f:
         json.dump(samples, f)
     dist.destroy_process_group()

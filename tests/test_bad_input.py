@@ -1,7 +1,7 @@
 """Bad input, everywhere: every row of the README's table "Bad input" (op, argument, what is
 wrong, what the error says) is a case here, and every case is a row there. Each case calls the
 op (every op its row names) with that one argument wrong and checks the RuntimeError's message.
-The expert-parallel ops run in a one-rank Gloo group of this process; the rows about ranks that
+The expert-parallel ops run in a one-rank Gloo group of this process (conftest's group_name); the rows about ranks that
 disagree need two ranks and are checked in tests/ep_worker.py (run_misuse), named here so that
 the table and the tests cannot drift apart."""
 # ruff: noqa: E501  (the table of cases reads best one case per line)
@@ -13,7 +13,6 @@ import re
 
 import pytest
 import torch
-import torch.distributed as dist
 from conftest import CUDA_SKIP
 
 from moe_ep import dispatcher
@@ -25,14 +24,6 @@ EP_WORKER = os.path.join(os.path.dirname(__file__), "ep_worker.py")
 
 T, H, F, E, K = 6, 8, 4, 4, 2
 DISPATCHES = "dispatch, dispatch_start, dispatch_capacity(_start), moe_forward"
-
-
-@pytest.fixture(scope="module")
-def group(tmp_path_factory):
-    init_file = tmp_path_factory.mktemp("dist") / "init"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-    yield dist.group.WORLD.group_name
-    dist.destroy_process_group()
 
 
 def good():
@@ -127,11 +118,18 @@ def dispatches(group, **change):
     return calls
 
 
+def waited(*tensors):
+    """Tensors of a started collective, waited for here: a case that replaces one of them
+    must not leave its transfer unwaited."""
+    return [torch.ops._c10d_functional.wait_tensor(t) for t in tensors]
+
+
 def exact_started(group_name):
     g = good()
     flat = ops.dispatch_start(
         g["x"], g["ids"], g["weights"], g["rank"], g["local"], E, 1, group_name
     )
+    flat[:2] = waited(*flat[:2])
     return dict(
         zip(
             ("x_recv", "meta_recv", "recv_counts", "send_counts", "token_slot", "entries"),
@@ -151,8 +149,10 @@ def dispatch_finish(group_name, **change):
 
 def dispatch_capacity_finish(group_name, **change):
     g = good()
-    x_recv, meta_recv, _ = ops.dispatch_capacity_start(
-        g["x"], g["ids"], g["weights"], g["rank"], g["local"], E, T, group_name
+    x_recv, meta_recv = waited(
+        *ops.dispatch_capacity_start(
+            g["x"], g["ids"], g["weights"], g["rank"], g["local"], E, T, group_name
+        )[:2]
     )
     a = dict(x_recv=x_recv, meta_recv=meta_recv, num_local_experts=E, capacity=T)
     a.update(change)
@@ -175,7 +175,7 @@ def combines(group, **change):
 def combine_finish(group_name, **change):
     g = good()
     d = ops.dispatch(g["x"], g["ids"], g["weights"], g["rank"], g["local"], E, group_name)
-    returned = ops.combine_start(d[0], d[2], d[3], d[4], d[5], group_name)
+    (returned,) = waited(ops.combine_start(d[0], d[2], d[3], d[4], d[5], group_name))
     a = dict(returned=returned, token_slot=d[6])
     a.update(change)
     return [lambda: ops.combine_finish(*a.values())]
@@ -341,8 +341,8 @@ def needs_cuda(what: str) -> bool:
         for case in CASES
     ],
 )
-def test_bad_argument_raises_naming_it(group, op, argument, what, needle, calls):
-    thunks = calls(group) if calls.__code__.co_argcount else calls()
+def test_bad_argument_raises_naming_it(group_name, op, argument, what, needle, calls):
+    thunks = calls(group_name) if calls.__code__.co_argcount else calls()
     assert len(thunks) >= 1
     for number, thunk in enumerate(thunks):
         with pytest.raises(RuntimeError) as error:

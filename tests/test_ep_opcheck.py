@@ -1,20 +1,11 @@
 """torch.library.opcheck on the expert-parallel ops, in a one-rank Gloo group in this process
-(schema, fake kernels with data-dependent sizes, dispatcher registration)."""
+(conftest's group_name; schema, fake kernels with data-dependent sizes, dispatcher
+registration)."""
 
-import pytest
 import torch
-import torch.distributed as dist
 
 from moe_ep import dispatcher
 from moe_ep.placement import ExpertPlacement
-
-
-@pytest.fixture(scope="module")
-def group_name(tmp_path_factory):
-    init_file = tmp_path_factory.mktemp("dist") / "init"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-    yield dist.group.WORLD.group_name
-    dist.destroy_process_group()
 
 
 def inputs():

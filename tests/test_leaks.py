@@ -2,8 +2,8 @@
 from step to step) on each rank of a world-2 Gloo group, resident memory sampled every 250
 steps. After a warm-up of 2,000 steps the least-squares slope must stay below 100 bytes per
 step: a leak of the smallest tensor a step makes (a few hundred bytes with its metadata)
-would be above it. Where a GPU is present the CUDA bytes allocated must be flat too (a NCCL
-run; not on this machine). About 40 s on the 2-core CI machine."""
+would be above it. CPU/Gloo only: CUDA memory is not measured here (no GPU has run this).
+About 60 s on the loaded 2-core CI machine."""
 
 import json
 
@@ -29,13 +29,11 @@ def test_resident_memory_is_flat_after_warm_up(tmp_path):
     for rank in range(2):
         with open(tmp_path / f"rank{rank}.json") as f:
             samples = json.load(f)
-        steady = [(step, rss) for step, rss, _ in samples if step >= WARMUP]
-        cuda = [(step, allocated) for step, _, allocated in samples if step >= WARMUP]
-        rss_slope, cuda_slope = slope(steady), slope(cuda)
+        steady = [(step, rss) for step, rss in samples if step >= WARMUP]
+        rss_slope = slope(steady)
         growth = steady[-1][1] - steady[0][1]
         print(
             f"\nrank {rank}: {STEPS} steps in {seconds:.1f} s, resident {steady[0][1] / 2**20:.1f} "
             f"MiB after warm-up, slope {rss_slope:.2f} B/step, growth {growth / 2**10:.0f} KiB"
         )
         assert rss_slope < SLOPE_LIMIT, (rank, rss_slope, samples)
-        assert cuda_slope == 0.0, (rank, cuda)

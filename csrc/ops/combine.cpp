@@ -65,11 +65,12 @@ at::Tensor combine_start_impl(const at::Tensor& y, const at::Tensor& recv_row_of
 }
 
 at::Tensor combine_finish_impl(const at::Tensor& returned, const at::Tensor& token_slot) {
+  // Waited first, so that a bad argument does not leave the transfer registered.
+  wait_collective(returned, "combine_finish: the rows coming back");
   check_dim(returned, 2, "returned");
   check_float_dtype(returned, "returned");
   check_dim(token_slot, 2, "token_slot");
   check_dtype(token_slot, at::kInt, "token_slot");
-  wait_collective(returned, "combine_finish: the rows coming back");
   const c10::DeviceGuard device_guard(returned.device());
   return unpermute_trusted(returned, token_slot,
                            at::ones(token_slot.sizes(), token_slot.options().dtype(at::kFloat)));

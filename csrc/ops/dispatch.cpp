@@ -181,6 +181,9 @@ std::vector<at::Tensor> dispatch_start_impl(const at::Tensor& x, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_finish_impl(
     const at::Tensor& x_recv, const at::Tensor& meta_recv, const at::Tensor& recv_entries,
     int64_t num_local_experts) {
+  // Waited first, so that a bad argument does not leave the transfers registered.
+  wait_collective(x_recv, "dispatch_finish: the rows");
+  wait_collective(meta_recv, "dispatch_finish: the rows' routing metadata");
   check_received(x_recv, meta_recv, num_local_experts, 0);
   TORCH_CHECK(recv_entries.dim() == 1 && recv_entries.numel() == 1 &&
                   recv_entries.scalar_type() == at::kLong && recv_entries.is_cpu(),
@@ -188,8 +191,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_finish_impl(
               "dispatch_start returned, got ", recv_entries.scalar_type(), " ",
               recv_entries.sizes(), " on ", recv_entries.device());
   TORCH_CHECK(recv_entries.item<int64_t>() >= 0, "moe_ep: argument 'recv_entries' must be >= 0");
-  wait_collective(x_recv, "dispatch_finish: the rows");
-  wait_collective(meta_recv, "dispatch_finish: the rows' routing metadata");
   const c10::DeviceGuard device_guard(x_recv.device());
   const int64_t width = meta_recv.size(1) / 2, rows = x_recv.size(0);
   if (num_local_experts == 1 && width == 1) {
