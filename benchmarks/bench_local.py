@@ -299,7 +299,21 @@ class Bench:
                 args = (x, layer.gate_weight, layer.w13, layer.w2, k)
                 ref_ms = self.time(lambda: reference.moe_layer_torch(*args))
                 err = rel_err(layer(x), reference.moe_layer_torch(*args))
-            self.add("layer", H, F_, E, k, T, ms, ref_ms, "moe_layer_torch", err)
+                with counting_host_reads() as reads:
+                    layer(x)
+            self.add(
+                "layer",
+                H,
+                F_,
+                E,
+                k,
+                T,
+                ms,
+                ref_ms,
+                "moe_layer_torch",
+                err,
+                extra={"reads": reads.count},
+            )
 
     def expert_ffn_rows(
         self, H, F_, E, k, T, x, offsets, w13, w2, label="expert_ffn", rows_per_expert=None
@@ -533,7 +547,9 @@ def summarize(rows: list[dict]) -> list[str]:
                 f"{op:>10} {impl:<14} vs {ref:<20} speedup {min(sp):.2f}x .. {max(sp):.2f}x "
                 f"(median {sorted(sp)[len(sp) // 2]:.2f}x); {limit}"
             )
-            if "reads" in sel[0]:
+            if "reads" in sel[0] and "buf2x" not in sel[0]:
+                lines.append(f"{'':>10} host reads per layer {max(r['reads'] for r in sel)}")
+            elif "reads" in sel[0]:
                 buf = sorted(r["buf2x"] for r in sel)
                 cn = [r["rows c/n"] for r in sel if r.get("rows c/n") is not None]
                 lines.append(

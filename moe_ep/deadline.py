@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Iterator
 
 import torch.distributed as dist
 
 from moe_ep import _C
-from moe_ep.roll_call import roll_call
+from moe_ep.roll_call import called, roll_call
 
-__all__ = ["CollectiveFailure", "default", "set_default", "grace", "set_grace", "guard"]
+__all__ = ["CollectiveFailure", "default", "set_default", "grace", "set_grace", "guard", "wait"]
 
 # What the C++ ops raise (csrc/ops/deadline.cpp) when a collective fails.
-_FAILED = re.compile(r"moe_ep: collective failed in (.+?) \(deadline")
+_POLL_SECONDS = 0.002  # a wait polled for the roll call: only the balancer's, once a window
+
+_FAILED = re.compile(r"moe_ep: collective failed in (.+?) \((deadline|the group)")
 
 
 class CollectiveFailure(dist.DistBackendError):
@@ -81,6 +84,30 @@ def set_grace(seconds: float | None) -> None:
     if seconds is not None and not seconds > 0:
         raise ValueError(f"seconds: the grace period must be > 0, got {seconds}")
     _grace = seconds
+
+
+def wait(work: dist.Work, operation: str, watch: dist.ProcessGroup | None = None) -> None:
+    """Waits for a torch.distributed collective that moe_ep started with the deadline as its
+    timeout (its group's or its own); a failure raises the error that guard turns into a
+    CollectiveFailure naming `operation` (what csrc/ops/deadline.cpp raises for the ops).
+    With `watch` (the group guard takes the roll call of), a roll call that another rank
+    started ends the wait too: a ring all-reduce whose own peers are alive would otherwise
+    wait for its deadline, past the roll call's grace period."""
+    future = work.get_future()
+    if watch is not None:
+        while not future.done():
+            if called(watch):
+                raise dist.DistBackendError(
+                    f"moe_ep: collective failed in {operation} (the group cannot be used "
+                    "again): another rank's collective failed (it called the roll)"
+                )
+            time.sleep(_POLL_SECONDS)
+    try:
+        work.wait()
+    except RuntimeError as error:
+        raise dist.DistBackendError(
+            f"moe_ep: collective failed in {operation} (the group cannot be used again): {error}"
+        ) from None
 
 
 @contextlib.contextmanager

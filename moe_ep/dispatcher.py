@@ -318,11 +318,13 @@ def moe_forward(
     activation: str = "silu",
     num_chunks: int = 1,
     group: dist.ProcessGroup | str | None = None,
+    slot_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One expert-parallel MoE layer after routing, as one op: exact-size dispatch, this
     rank's experts (w13 [L, 2F, H], w2 [L, H, F]), combine; in num_chunks chunks whose
     dispatches are all issued first, so that communication overlaps the experts. topk_ids
-    are slot ids (see map_to_slots). Returns [T, H]."""
+    are slot ids (see map_to_slots). slot_counts (int64 [L], on x's device), when given,
+    accumulates the (token, choice) entries each local slot received. Returns [T, H]."""
     return torch.ops.moe_ep.moe_forward(
         x,
         topk_ids,
@@ -335,6 +337,7 @@ def moe_forward(
         activation,
         num_chunks,
         _group_name(group),
+        slot_counts,
     )
 
 
@@ -473,6 +476,7 @@ def _moe_forward_fake(
     activation,
     num_chunks,
     group_name,
+    slot_counts=None,
 ):
     return x.new_empty(x.shape)
 

@@ -14,9 +14,10 @@ survivor. ElasticEP.run then recovers, on every survivor, without restarting a p
   3. each layer's placement is re-planned for the survivors by the planner (moe_ep.plan),
      from the slots that survived: only the lost slots are forced to move (max_moves=0), and
      with a fault domain the replicas are spread again so the next failure loses no expert;
-  4. every expert a survivor newly hosts is copied from a survivor that holds it
-     (point-to-point over the new group, each wait under the deadline), or, for an expert
-     whose every copy died, taken from the host-side copy of the weights (full_weights);
+  4. every expert a survivor newly hosts is copied from a survivor that holds it by the
+     balancer's migration (moe_ep.migration.WeightTransfer, run at once: rounds of
+     all-to-all over the new group, whose timeout is the deadline), or, for an expert whose
+     every copy died, taken from the host-side copy of the weights (full_weights);
   5. the layers switch to the new group and placement, and the step runs again: the
      survivors' requests in flight are retried, not lost (the failed rank's own are gone
      with it).
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_ep import deadline, expert_transfer, plan
+from moe_ep import deadline, migration, plan
 from moe_ep.deadline import CollectiveFailure
 from moe_ep.layer import MoELayer
 from moe_ep.placement import ExpertPlacement
@@ -123,11 +124,14 @@ class ElasticEP:
         members = dist.get_process_group_ranks(old)
         kept = [r for r in range(old.size()) if r not in failure.missing]
         survivors = [members[r] for r in kept]
-        group = dist.new_group(survivors, use_local_synchronization=True)
+        seconds = max(layer.deadline or deadline.default() for layer in self.layers)
+        group = dist.new_group(
+            survivors, timeout=timedelta(seconds=seconds), use_local_synchronization=True
+        )
         copied = restored = 0
         for layer in self.layers:
-            placement = self._replan(layer, kept)
-            w13, w2, c, r = _weights_for(layer, placement, kept, group, self.full_weights)
+            planned = self._replan(layer, kept)
+            placement, w13, w2, c, r = _weights_for(layer, planned, kept, group, self.full_weights)
             copied, restored = copied + c, restored + r
             layer.group = group
             layer.dispatch_status = []
@@ -181,45 +185,47 @@ def _weights_for(
     kept: list[int],
     group: dist.ProcessGroup,
     full_weights: FullWeights | None,
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """This rank's weights for its slots of `new` (w13, w2) and how many experts it received
-    from survivors and took from full_weights. An expert a survivor newly hosts comes from a
-    survivor that held it (one message per (source, destination) pair over the new group,
-    holders taking turns), or from full_weights when every copy died."""
-    old, me = layer.placement, group.rank()
-    held = [old.local_experts(r) for r in kept]  # by new rank
-    holders: dict[int, list[int]] = {}
-    for rank, experts in enumerate(held):
-        for e in experts:
-            holders.setdefault(e, []).append(rank)
-    lost = sorted(set(range(layer.num_experts)) - set(holders))
+) -> tuple[ExpertPlacement, torch.Tensor, torch.Tensor, int, int]:
+    """This rank's part of moving `layer` onto the survivors' placement `new`: (the placement
+    with each kept expert left in its row, w13, w2, experts received from survivors, experts
+    taken from full_weights). The balancer's migration does the moving (a WeightTransfer from
+    the slots that survived, run on this thread): an expert whose every copy died enters it
+    as a row appended, from full_weights, on each rank that hosts it in `new`."""
+    held = [layer.placement.local_experts(r) for r in kept]  # by new rank
+    lost = sorted(set(range(layer.num_experts)).difference(*held))
     if lost and full_weights is None:  # every survivor sees the same: all raise alike
         raise RuntimeError(
             f"moe_ep: layer {layer.name!r}: expert(s) {lost} lost every copy with the failed "
             "rank(s) and ElasticEP has no full_weights to restore them from"
         )
-    sends: dict[int, list[int]] = {}
-    recvs: dict[int, list[int]] = {}
-    from_host: list[int] = []
-    for rank in range(len(kept)):
-        for e in sorted(set(new.local_experts(rank)) - set(held[rank])):
-            if e in lost:
-                if rank == me:
-                    from_host.append(e)
-                continue
-            source = holders[e][rank % len(holders[e])]
-            if source == me:
-                sends.setdefault(rank, []).append(e)
-            if rank == me:
-                recvs.setdefault(source, []).append(e)
-    w13, w2 = layer.w13, layer.w2
-    row_of = {e: i for i, e in enumerate(held[me])}
-    timeout = timedelta(seconds=layer.deadline or deadline.default())
-    arrived = expert_transfer.exchange(w13, w2, row_of, sends, recvs, group, timeout)
-    copied = len(arrived)
-    if from_host:
+    restored = [sorted(set(experts) & set(lost)) for experts in migration.experts_by_rank(new)]
+    w13, w2, me = layer.w13, layer.w2, group.rank()
+    if restored[me]:
         all_w13, all_w2 = full_weights(layer)
-        for e in from_host:
-            arrived[e] = expert_transfer.flat_row(all_w13[e], all_w2[e]).to(w13)
-    local = new.local_experts(me)
-    return (*expert_transfer.assemble(w13, w2, row_of, arrived, local), copied, len(from_host))
+        w13 = torch.cat([w13, all_w13[restored[me]].to(w13)])
+        w2 = torch.cat([w2, all_w2[restored[me]].to(w2)])
+    survived = _survived(held, restored, layer.num_experts)
+    transfer = migration.WeightTransfer(survived, new, w13, w2, group)
+    transfer.run()
+    copied = sum(dest == me for _, _, dest in transfer.transfers)
+    return (*transfer.finish(w13, w2), copied, len(restored[me]))
+
+
+def _survived(held: list[list[int]], restored: list[list[int]], experts: int) -> ExpertPlacement:
+    """The placement the survivors hold before the transfer: each survivor's rows (held)
+    then the rows it restored, one slot per row."""
+    slot_rank, slot_local, slots_of = [], [], [[] for _ in range(experts)]
+    for rank, rows in enumerate(zip(held, restored, strict=True)):
+        for row, e in enumerate(rows[0] + rows[1]):
+            slots_of[e].append(len(slot_rank))
+            slot_rank.append(rank)
+            slot_local.append(row)
+    width = max(len(slots) for slots in slots_of)
+    return ExpertPlacement(
+        torch.tensor(slot_rank, dtype=torch.int32),
+        torch.tensor(slot_local, dtype=torch.int32),
+        len(held),
+        torch.tensor(
+            [slots + [-1] * (width - len(slots)) for slots in slots_of], dtype=torch.int32
+        ),
+    )

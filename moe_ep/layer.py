@@ -152,6 +152,10 @@ class MoELayer(nn.Module):
             )
         else:
             self.expert_bias = None
+        # int64 [local slots] on the weights' device, or None: (token, choice) entries each
+        # local slot received, accumulated by every expert-parallel step from the offsets the
+        # dispatch computes anyway (moe_ep.LoadBalancer sets it and reads it between steps).
+        self.slot_counts: torch.Tensor | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -197,6 +201,8 @@ class MoELayer(nn.Module):
         self.local_expert_ids = local
         self.w13 = nn.Parameter(w13.to(self.w13), requires_grad=False)
         self.w2 = nn.Parameter(w2.to(self.w2), requires_grad=False)
+        if self.slot_counts is not None:  # the counts restart with the new slots
+            self.slot_counts = self.slot_counts.new_zeros(len(local))
 
     def slot_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """The physical slots that this rank's (token, choice) pairs go to."""
@@ -282,6 +288,8 @@ class MoELayer(nn.Module):
         the rows that arrived are computed (a rank with fewer experts than the widest one
         ignores the empty trailing groups)."""
         offsets = received.expert_offsets[: self.w13.shape[0] + 1]
+        if self.slot_counts is not None:
+            self.slot_counts += offsets.diff()
         return ops.expert_ffn(
             received.x_sorted, offsets, self.w13, self.w2, self.activation, check_offsets=False
         )
@@ -319,6 +327,7 @@ class MoELayer(nn.Module):
                 self.activation,
                 num_chunks,
                 self.group,
+                self.slot_counts,
             )
         routed, extra = pipeline.run_layer(self, x, slots, topk_weights, num_chunks, overlap_fn)
         if self.dispatch_mode == "capacity" and self.on_overflow != "report":

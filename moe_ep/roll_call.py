@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-__all__ = ["RollCall", "RankExcluded", "roll_call"]
+__all__ = ["RollCall", "RankExcluded", "roll_call", "called"]
 
 # Incidents per group name on this rank: every rank of a group meets the same failures in the
 # same order, so the n-th failure of a group has the same key everywhere.
@@ -44,6 +44,15 @@ class RollCall:
     missing: tuple[int, ...]
 
 
+def called(group: dist.ProcessGroup) -> bool:
+    """Another rank of the group has started the roll call this rank has not taken yet: a
+    collective failed there. A rank waiting in a collective whose own peers are alive (a ring
+    all-reduce) sees no failure until its deadline, later than the grace period: it polls
+    this instead, and joins the roll call in time."""
+    store = dist.distributed_c10d._get_process_group_store(group)
+    return store.check([f"moe_ep/roll_call/{_incidents[group.group_name]}/called"])
+
+
 def roll_call(group: dist.ProcessGroup, grace: float) -> RollCall:
     """Signs this rank in for the group's next incident, waits up to `grace` seconds for the
     other ranks, and returns the decision every rank of the incident adopts. Raises
@@ -56,6 +65,7 @@ def roll_call(group: dist.ProcessGroup, grace: float) -> RollCall:
     prefix = f"moe_ep/roll_call/{incident}"
     try:
         store = dist.distributed_c10d._get_process_group_store(group)
+        store.set(f"{prefix}/called", "1")
         store.set(f"{prefix}/here/{me}", "1")
         keys = [f"{prefix}/here/{r}" for r in range(world)]
         until = time.monotonic() + grace

@@ -66,10 +66,13 @@ def run(
     stall_seconds: float,
 ) -> None:
     """mode: "exact" or "capacity"; fault: "die" (os._exit) or "stall" (sleep, then carry
-    on); when: "between" (before a step) or "middle" (after the step's first chunk)."""
+    on); when: "between" (before a step), "middle" (after the step's first chunk) or
+    "balancer" (before the LoadBalancer's boundary, whose window all-reduce then fails)."""
     moe_ep.deadline.set_default(default_deadline)
     join_group(rank, world, init_file)
     layer = make_layer(world, mode, layer_deadline)
+    # A window of one step: every boundary all-reduces the counts (no re-plan, no migration).
+    balancer = moe_ep.LoadBalancer(layer, window=1, threshold=None, background=False)
     x = torch.randn(12, HIDDEN)
     step = 0
 
@@ -91,6 +94,8 @@ def run(
             layer(x, overlap_fn=after_first_chunk)
             if mode == "capacity":
                 layer.check_dispatch_status()
+            fail_here("balancer")
+            balancer.step()
         except CollectiveFailure as error:
             record(
                 results,

@@ -1,6 +1,8 @@
-"""Runtime load balancing: replica placement and routing (single process), re-planning and
-migration over Gloo (balance_worker.py in spawned processes)."""
+"""Runtime load balancing: replica placement and routing, the migration's pieces on one rank
+(single process); counts, re-planning, background migration, abandonment over Gloo
+(balance_worker.py in spawned processes)."""
 
+import collections
 import os
 
 import pytest
@@ -11,6 +13,16 @@ from balance_worker import worker
 
 import moe_ep
 from moe_ep import plan
+from moe_ep.migration import (
+    ABANDON,
+    READY,
+    WORKING,
+    SwitchVote,
+    WeightTransfer,
+    experts_by_rank,
+    keep_rows,
+    migration_transfers,
+)
 from moe_ep.placement import ExpertPlacement, map_to_slots
 
 
@@ -120,16 +132,90 @@ def test_balancer_rejects_bad_configuration(world_of_one):
         ({"max_moves": -2}, "max_moves"),
         ({"gpus_per_node": 3}, "gpus_per_node"),
         ({"bias_update_rate": 0.1}, "bias_update_rate"),  # the layer has no expert_bias
+        ({"piece_bytes": 0}, "piece_bytes"),
+        ({"rounds_per_step": 0}, "rounds_per_step"),
+        ({"deadline_steps": 0}, "deadline_steps"),
+        ({"deadline_s": 0.0}, "deadline_s"),
     ):
         with pytest.raises(ValueError, match=name):
             moe_ep.LoadBalancer(layer, **kwargs)
     with pytest.raises(ValueError, match="layer"):
         moe_ep.LoadBalancer(moe_ep.MoELayer(16, 8, 4, 2, dtype=torch.float32))
-    # One rank: every load is on it, nothing to balance.
-    balancer = moe_ep.LoadBalancer(layer, window=1)
-    balancer.observe(torch.tensor([[0, 1], [0, 2]]))
-    assert balancer.expert_loads().tolist() == [2, 1, 1, 0]
-    assert balancer.imbalance() == 1.0 and balancer.maybe_rebalance() is None
+    # One rank: every load is on it, nothing to balance. The counts come from the dispatch.
+    balancer = moe_ep.LoadBalancer(layer, window=2)
+    x = torch.randn(5, 16)
+    for _ in range(2):
+        layer(x)
+        assert balancer.step() is None
+    ids, _ = layer.route(x)
+    expected = 2 * torch.bincount(ids.view(-1).long(), minlength=4)
+    assert balancer.expert_loads().tolist() == expected.tolist()
+    assert balancer.imbalance() == 1.0 and not balancer.migrating
+
+
+def random_placement(experts, world, seed):
+    """A planner placement with replicas for random loads."""
+    g = torch.Generator().manual_seed(seed)
+    loads = (torch.rand(experts, generator=g) ** 3 * 100).tolist()
+    return ExpertPlacement.from_plan(planned_layer(experts, world, loads), world)
+
+
+def test_keep_rows_moves_only_the_arrivals():
+    world, experts = 4, 12
+    for seed in range(30):
+        old = random_placement(experts, world, seed)
+        new = random_placement(experts, world, 1000 + seed)
+        kept = keep_rows(old, new)
+        assert torch.equal(kept.slot_rank, new.slot_rank) and torch.equal(kept.log2phy, new.log2phy)
+        for p in (old, new, kept):  # the host-list shortcut agrees with the tensor methods
+            assert experts_by_rank(p) == [p.local_experts(r) for r in range(world)]
+        for rank in range(world):
+            old_rows, new_rows = old.local_experts(rank), kept.local_experts(rank)
+            assert sorted(new_rows) == sorted(new.local_experts(rank))
+            arrivals = collections.Counter(new_rows) - collections.Counter(old_rows)
+            changed = [i for i, e in enumerate(new_rows) if i >= len(old_rows) or old_rows[i] != e]
+            if len(new_rows) == len(old_rows):  # the switch rewrites the arrivals' rows only
+                assert len(changed) == sum(arrivals.values()), (seed, rank, old_rows, new_rows)
+        # The copies: each expert a rank gains, once, from a rank that holds it.
+        for e, source, dest in migration_transfers(old, new):
+            assert e in old.local_experts(source) and e not in old.local_experts(dest)
+            assert e in new.local_experts(dest)
+
+
+def test_weight_transfer_on_one_rank(world_of_one):
+    """No copy travels on one rank; a new replica's slot is rebuilt from the held rows, and
+    an unchanged slot count switches in place."""
+    experts = 4
+    w13, w2 = torch.randn(experts, 6, 8), torch.randn(experts, 8, 3)
+    old = ExpertPlacement.contiguous(experts, 1)
+    new = ExpertPlacement.from_plan(planned_layer(experts, 1, [9.0, 1.0, 1.0, 1.0], 1), 1)
+    assert new.num_slots == experts + 1
+    transfer = WeightTransfer(old, new, w13, w2, world_of_one)
+    assert transfer.rounds == 0 and transfer.transfers == [] and transfer.resized
+    with pytest.raises(RuntimeError, match="before the transfer is ready"):
+        transfer.finish(w13, w2)
+    transfer.run()
+    assert transfer.ready
+    placement, new_w13, new_w2 = transfer.finish(w13, w2)
+    experts_in_rows = placement.local_experts(0)
+    assert torch.equal(new_w13, w13[experts_in_rows]) and torch.equal(new_w2, w2[experts_in_rows])
+    assert transfer.spare_bytes == new_w13.nbytes + new_w2.nbytes  # the rebuilt weights
+    same = WeightTransfer(new, new, new_w13, new_w2, world_of_one)
+    same.run()
+    assert same.finish(new_w13, new_w2)[1] is new_w13 and same.spare_bytes == 0
+    for kwargs, name in (({"piece_bytes": 0}, "piece_bytes"), ({"rounds_per_step": 0}, "rounds")):
+        with pytest.raises(ValueError, match=name):
+            WeightTransfer(old, new, w13, w2, world_of_one, **kwargs)
+    with pytest.raises(ValueError, match="group"):
+        WeightTransfer(ExpertPlacement.contiguous(4, 2), new, w13, w2, world_of_one)
+
+
+def test_switch_vote_on_one_rank(world_of_one):
+    vote = SwitchVote(world_of_one)
+    assert vote.outcome() is None
+    for value in (READY, WORKING, ABANDON):
+        vote.cast(value)
+        assert vote.outcome() == value and vote.outcome() is None
 
 
 @pytest.mark.parametrize("world", [2, 4])

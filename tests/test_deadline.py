@@ -1,5 +1,6 @@
 """Deadlines, not hangs: one rank of a world-4 Gloo group dies (os._exit) or stalls (alive, not
-calling), between two steps or between the two chunks of a step, in both dispatch modes. Every
+calling), between two steps, between the two chunks of a step or before the load balancer's
+boundary, in both dispatch modes. Every
 survivor raises CollectiveFailure naming the layer, the operation and the lost rank within the
 deadline plus the roll call's grace (and a margin for a loaded 2-core machine); no rank hangs
 (each must end by itself). The deadline is lowered to 2 s through the documented settings: the
@@ -30,6 +31,9 @@ SCENARIOS = [
     ("capacity", "die", "middle", 0, None),
     ("capacity", "stall", "between", 3, DEADLINE),
     ("capacity", "stall", "middle", 1, None),
+    # The load balancer's window all-reduce is under the layer's deadline too.
+    ("exact", "stall", "balancer", 2, None),
+    ("capacity", "die", "balancer", 1, None),
 ]
 
 
@@ -65,6 +69,8 @@ def test_survivors_raise_within_the_deadline(tmp_path, mode, fault, when, victim
         assert seen["layer"] == LAYER_NAME and LAYER_NAME in seen["message"], seen
         assert f"rank(s) [{victim}] did not answer" in seen["message"], seen
         assert seen["operation"], seen
+        if when == "balancer":
+            assert seen["operation"] == "the balancer's window all-reduce", seen
         assert seen["seconds"] <= limit, seen
         if fault == "stall":  # it did wait for the deadline: the stall, not another error
             assert seen["seconds"] >= 0.9 * DEADLINE, seen

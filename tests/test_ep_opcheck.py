@@ -43,3 +43,8 @@ def test_opcheck_moe_forward(group_name):
     maps = (placement.expert_rank, placement.expert_local)
     args = (x, ids, weights, *maps, 4, w13, w2, "silu", 3, group_name)
     torch.library.opcheck(torch.ops.moe_ep.moe_forward.default, args)
+    # With the load balancer's accumulator (mutated in place): the entries of each expert.
+    slot_counts = torch.zeros(4, dtype=torch.int64)
+    torch.ops.moe_ep.moe_forward(*args, slot_counts)
+    assert torch.equal(slot_counts, torch.bincount(ids.view(-1).long(), minlength=4))
+    torch.library.opcheck(torch.ops.moe_ep.moe_forward.default, (*args, slot_counts))

@@ -23,7 +23,8 @@ constexpr const char* kArgNames[] = {"",
                                      "num_chunks",
                                      "capacity",
                                      "w13",
-                                     "w2"};
+                                     "w2",
+                                     "slot_counts"};
 
 constexpr const char* kFieldNames[kConfigSize] = {
     "dispatch mode (exact or fixed-capacity)",

@@ -35,6 +35,7 @@ enum class Arg : int {
   kCapacity,
   kW13,
   kW2,
+  kSlotCounts,
 };
 
 // The first malformed argument found on this rank, with the check's own message.

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string_view>
 #include <vector>
 
@@ -60,9 +61,10 @@ at::Tensor moe_forward_impl(const at::Tensor& x, const at::Tensor& topk_ids,
                             const at::Tensor& expert_local, int64_t num_local_experts,
                             const at::Tensor& w13, const at::Tensor& w2,
                             std::string_view activation, int64_t num_chunks,
-                            std::string_view group_name) {
-  // The weights are checked before the dispatch's header exchange and travel in it: a bad
-  // w13 on one rank raises on every rank.
+                            std::string_view group_name,
+                            const std::optional<at::Tensor>& slot_counts) {
+  // The weights and the counts are checked before the dispatch's header exchange and travel in
+  // it: a bad argument on one rank raises on every rank.
   ArgProblem problem;
   validate(problem, Arg::kW13, [&] {
     check_dim(w13, 3, "w13");
@@ -71,6 +73,14 @@ at::Tensor moe_forward_impl(const at::Tensor& x, const at::Tensor& topk_ids,
                 "moe_ep: argument 'w13' holds ", w13.size(0),
                 " experts, more than num_local_experts=", num_local_experts);
   });
+  if (slot_counts) {
+    validate(problem, Arg::kSlotCounts, [&] {
+      check_dim(*slot_counts, 1, "slot_counts");
+      check_dtype(*slot_counts, at::kLong, "slot_counts");
+      check_size(*slot_counts, 0, w13.size(0), "slot_counts");
+      check_same_device(*slot_counts, x, "slot_counts", "x");
+    });
+  }
   const Ops& op = ops();
   const std::vector<DispatchStarted> started =
       dispatch_start_chunks(x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts,
@@ -81,8 +91,10 @@ at::Tensor moe_forward_impl(const at::Tensor& x, const at::Tensor& topk_ids,
     const auto [x_sorted, offsets, recv_row_of, recv_weights] =
         op.dispatch_finish.call(x_recv, meta_recv, entries, num_local_experts);
     // A rank with fewer experts than the widest one ignores the empty trailing groups.
-    const at::Tensor y = op.expert_ffn.call(x_sorted, offsets.narrow(0, 0, w13.size(0) + 1), w13,
-                                            w2, activation, /*check_offsets=*/false);
+    const at::Tensor own_offsets = offsets.narrow(0, 0, w13.size(0) + 1);
+    if (slot_counts) slot_counts->add_(own_offsets.diff());
+    const at::Tensor y = op.expert_ffn.call(x_sorted, own_offsets, w13, w2, activation,
+                                            /*check_offsets=*/false);
     returning.push_back(
         op.combine_start.call(y, recv_row_of, recv_weights, recv_counts, send_counts, group_name));
   }

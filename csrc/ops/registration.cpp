@@ -90,10 +90,13 @@ TORCH_LIBRARY(moe_ep, m) {
 
   // One expert-parallel layer after routing (exact-size dispatch), in num_chunks chunks whose
   // communication overlaps the experts of other chunks (csrc/ops/moe_forward.cpp): [T, H].
+  // slot_counts (int64 [w13 rows], on x's device), when given, accumulates the (token, choice)
+  // entries each local slot received: the load balancer's counts, read from the offsets the
+  // dispatch computes anyway (no collective, no host read).
   m.def(
       "moe_forward(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor expert_rank, "
       "Tensor expert_local, int num_local_experts, Tensor w13, Tensor w2, str activation, "
-      "int num_chunks, str group_name) -> Tensor");
+      "int num_chunks, str group_name, Tensor(a!)? slot_counts=None) -> Tensor");
   m.def(
       "combine(Tensor y_sorted, Tensor recv_row_of, Tensor recv_weights, Tensor recv_counts, "
       "Tensor send_counts, Tensor token_slot, str group_name) -> Tensor");

@@ -5,6 +5,8 @@
 //   3. rank:   one warp per chunk walks its items in order; __match_any_sync finds lanes with
 //              the same key, so each item's rank keeps the input order (stability) without
 //              global atomics.
+// Up to kSmallSortItems items (a decode step's) the three phases run in one block instead:
+// one launch, not three, where launch latency is what a step pays.
 // Used by permute (expert ids), the dispatch sender (destination ranks) and the dispatch
 // receiver (local expert ids of the received metadata, a strided column block).
 #include "ops/kernels/launch.h"
@@ -16,6 +18,8 @@ constexpr int kWarp = 32;
 constexpr int kChunk = 256;  // items per chunk: 8 warp-steps in the rank kernel
 constexpr int kCountThreads = 256;
 constexpr int kScanThreads = 1024;
+constexpr int64_t kSmallSortItems = 8192;
+constexpr int kSmallSortThreads = 512;
 
 int64_t num_chunks(int64_t num_items) { return (num_items + kChunk - 1) / kChunk; }
 
@@ -106,6 +110,51 @@ __global__ void rank_kernel(Keys keys, const int32_t* __restrict__ chunk_counts,
   }
 }
 
+// The three phases in one block: counts in shared memory, the scan by the first thread, the
+// ranks by the first warp walking the items in order (as rank_kernel does per chunk).
+__global__ void small_sort_kernel(Keys keys, int64_t* __restrict__ offsets,
+                                  int32_t* __restrict__ position, int32_t* __restrict__ skipped) {
+  extern __shared__ int32_t cursor[];  // counts, then the running position of each key
+  for (int k = threadIdx.x; k < keys.num_keys; k += blockDim.x) cursor[k] = 0;
+  __syncthreads();
+  int32_t local_skipped = 0;
+  for (int64_t i = threadIdx.x; i < keys.num_items; i += blockDim.x) {
+    const int32_t key = keys(i);
+    if (key >= 0) {
+      atomicAdd(&cursor[key], 1);
+    } else {
+      ++local_skipped;
+    }
+  }
+  if (skipped != nullptr && local_skipped != 0) atomicAdd(skipped, local_skipped);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t offset = 0;
+    for (int k = 0; k < keys.num_keys; ++k) {
+      const int32_t count = cursor[k];
+      cursor[k] = offset;
+      offsets[k] = offset;
+      offset += count;
+    }
+    offsets[keys.num_keys] = offset;
+  }
+  __syncthreads();
+  if (threadIdx.x >= kWarp) return;
+  const int lane = threadIdx.x;
+  const unsigned lower_lanes = (1u << lane) - 1u;
+  for (int64_t base = 0; base < keys.num_items; base += kWarp) {
+    const int64_t i = base + lane;
+    const int32_t key = keys(i);
+    const unsigned peers = __match_any_sync(0xffffffffu, key);
+    int32_t rank = -1;
+    if (key >= 0) rank = cursor[key] + __popc(peers & lower_lanes);
+    if (i < keys.num_items) position[i] = rank;
+    __syncwarp();
+    if (key >= 0 && lane == __ffs(peers) - 1) cursor[key] += __popc(peers);
+    __syncwarp();
+  }
+}
+
 }  // namespace
 
 int64_t counting_sort_scratch_ints(int64_t num_items, int32_t num_keys) {
@@ -119,6 +168,11 @@ cudaError_t launch_counting_sort(const int32_t* keys, int64_t rows, int32_t widt
   const Keys table{keys, rows * width, width, row_stride, num_keys};
   const int64_t chunks = num_chunks(table.num_items);
   const size_t counts_bytes = num_keys * sizeof(int32_t);
+  if (table.num_items <= kSmallSortItems) {
+    small_sort_kernel<<<1, kSmallSortThreads, counts_bytes, stream>>>(table, offsets, position,
+                                                                      skipped);
+    return cudaGetLastError();
+  }
   if (chunks > 0) {
     count_kernel<<<static_cast<unsigned>(chunks), kCountThreads, counts_bytes, stream>>>(
         table, scratch, skipped);
