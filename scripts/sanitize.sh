@@ -24,9 +24,10 @@ mkdir -p "$package"
 for source in moe_ep/*.py moe_ep/data; do ln -s "$ROOT/$source" "$package/"; done
 cp build/asan-ops/lib/moe_ep/_C*.so "$package/"
 
-# The sanitizer runtime comes first (Python itself is not instrumented); Python's own
-# allocations at exit are not moe_ep's leaks.
-LD_PRELOAD="$(gcc -print-file-name=libasan.so)" \
+# The sanitizer runtime comes first (Python itself is not instrumented), with libstdc++ (ASan
+# finds the __cxa_throw it wraps at start-up: loaded later with torch, the first C++ exception
+# aborts); Python's own allocations at exit are not moe_ep's leaks.
+LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \
   ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
   UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
   PYTHONPATH="$ROOT/build/asan-ops/pkg" \
