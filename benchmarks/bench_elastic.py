@@ -1,5 +1,5 @@
 """Recovery from a rank's death (moe_ep.elastic) on CPU/Gloo: a world-W group serves the
-example's two-layer block (examples/elastic_serving.py: exact size, then fixed capacity),
+example's two-layer block (moe_ep/examples/elastic_serving.py: exact size, then fixed capacity),
 one rank exits (os._exit) at a step, the survivors recover and keep serving; every step of
 every survivor is checked against the float64 reference (tests/elastic_worker.py).
 

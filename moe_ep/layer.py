@@ -24,11 +24,17 @@ class MoELayer(nn.Module):
         ffn_hidden: F, each expert's FFN hidden size (the gated FFN has 3 matrices).
         num_experts: E routed experts.
         top_k: experts per token.
-        score_func, n_group, topk_group, renormalize, scaling: see moe_ep.ops.route.
+        score_func, n_group, topk_group, group_score, renormalize, scaling: see
+            moe_ep.ops.route. DeepSeek-V3 routes with score_func="sigmoid",
+            group_score="top2_sum" (a group scores its two best experts, bias or not).
         expert_bias: keep a float32 [E] selection bias buffer (DeepSeek-V3's
             e_score_correction_bias); it changes which experts are chosen, not the weights.
+        router_dtype: dtype of the router weight and of the logits' matmul (the scores are
+            float32 whatever it is). float32 by default, as DeepSeek-V3 computes it; Mixtral
+            and Qwen-MoE compute their logits in the model's dtype (bfloat16, say): pass that
+            dtype to choose the same experts as they do.
         activation: "silu" or "gelu" (gated).
-        dtype, device: of the expert weights; the router weight is float32.
+        dtype, device: of the expert weights.
         group: the expert-parallel process group; None keeps every expert on this rank.
         placement: which rank hosts which expert slot (default: contiguous blocks, one slot
             per expert); identical on every rank. An expert may have several slots (replicas,
@@ -65,7 +71,8 @@ class MoELayer(nn.Module):
         name: the layer's name in errors (default "moe_layer_<n>", n counting the layers
             made in this process).
 
-    Input [..., H] in the experts' dtype; output of the same shape and dtype. Under expert
+    Input [..., H] in the experts' dtype (anything else raises, naming `x`); output of the
+    same shape and dtype. Under expert
     parallelism every rank of the group must call forward together (T may differ, even be 0).
     """
 
@@ -79,9 +86,11 @@ class MoELayer(nn.Module):
         score_func: str = "softmax",
         n_group: int = 1,
         topk_group: int = 1,
+        group_score: str = "max",
         renormalize: bool = True,
         scaling: float = 1.0,
         expert_bias: bool = False,
+        router_dtype: torch.dtype = torch.float32,
         activation: str = "silu",
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
@@ -132,10 +141,11 @@ class MoELayer(nn.Module):
         self.hidden, self.ffn_hidden = hidden, ffn_hidden
         self.num_experts, self.top_k = num_experts, top_k
         self.score_func, self.n_group, self.topk_group = score_func, n_group, topk_group
+        self.group_score = group_score
         self.renormalize, self.scaling, self.activation = renormalize, scaling, activation
         # Inference weights: the ops have no backward.
         self.gate_weight = nn.Parameter(
-            torch.empty(num_experts, hidden, dtype=torch.float32, device=device),
+            torch.empty(num_experts, hidden, dtype=router_dtype, device=device),
             requires_grad=False,
         )
         self.w13 = nn.Parameter(
@@ -172,12 +182,66 @@ class MoELayer(nn.Module):
         w13: torch.Tensor,
         w2: torch.Tensor,
         expert_bias: torch.Tensor | None = None,
+        *,
+        transposed: bool | None = None,
     ) -> None:
-        """Loads this rank's shard from all-expert weights ([E, H], [E, 2F, H], [E, H, F])."""
+        """Loads this rank's shard from all-expert weights: gate_weight [E, H], w13
+        [E, 2F, H] (gate rows, then up rows), w2 [E, H, F], expert_bias [E] (a layer built
+        with expert_bias=True).
+
+        transposed=True takes w13 [E, H, 2F] and w2 [E, F, H] (input dimension first, as
+        some checkpoints store them). The default (None) reads the layout from the shapes
+        and raises where they cannot tell it (H == 2F for w13, H == F for w2): say which."""
+        w13, w2 = self._expert_weights(w13, w2, self.num_experts, transposed)
         local = torch.tensor(self.local_expert_ids, dtype=torch.long, device=w13.device)
+        self._load(gate_weight, w13.index_select(0, local), w2.index_select(0, local), expert_bias)
+
+    @torch.no_grad()
+    def load_local_weights(
+        self,
+        gate_weight: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        expert_bias: torch.Tensor | None = None,
+        *,
+        transposed: bool | None = None,
+    ) -> None:
+        """Loads this rank's experts only: w13 [L, 2F, H] and w2 [L, H, F] hold the experts
+        of local_expert_ids, in that order (a sharded checkpoint loader reads just those, see
+        moe_ep.integrations.transformers.load_pretrained); gate_weight, expert_bias and
+        transposed as in load_full_weights."""
+        w13, w2 = self._expert_weights(w13, w2, len(self.local_expert_ids), transposed)
+        self._load(gate_weight, w13, w2, expert_bias)
+
+    def _expert_weights(
+        self, w13: torch.Tensor, w2: torch.Tensor, experts: int, transposed: bool | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """w13 and w2 as [n, 2F, H] and [n, H, F] views; a shape that does not fit, or one
+        whose layout is ambiguous with transposed=None, raises naming the argument."""
+        hidden, ffn = self.hidden, self.ffn_hidden
+        return (
+            _weight_layout("w13", w13, (experts, 2 * ffn, hidden), transposed),
+            _weight_layout("w2", w2, (experts, hidden, ffn), transposed),
+        )
+
+    def _load(
+        self,
+        gate_weight: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        expert_bias: torch.Tensor | None,
+    ) -> None:
+        _check_shape("gate_weight", gate_weight, tuple(self.gate_weight.shape))
+        if expert_bias is not None:
+            if self.expert_bias is None:
+                raise ValueError(
+                    "expert_bias: the layer was built without a selection bias; build it with "
+                    "MoELayer(..., expert_bias=True) to load one"
+                )
+            _check_shape("expert_bias", expert_bias, (self.num_experts,))
         self.gate_weight.copy_(gate_weight)
-        self.w13.copy_(w13.index_select(0, local))
-        self.w2.copy_(w2.index_select(0, local))
+        self.w13.copy_(w13)
+        self.w2.copy_(w2)
         if expert_bias is not None:
             self.expert_bias.copy_(expert_bias)
 
@@ -209,8 +273,8 @@ class MoELayer(nn.Module):
         return map_to_slots(topk_ids, self.placement, self.group.rank())
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """float32 [T, E] logits of the flattened tokens."""
-        return F.linear(x.float(), self.gate_weight)
+        """[T, E] logits of the flattened tokens, in router_dtype."""
+        return F.linear(x.to(self.gate_weight.dtype), self.gate_weight)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.route(
@@ -222,6 +286,7 @@ class MoELayer(nn.Module):
             topk_group=self.topk_group,
             renormalize=self.renormalize,
             scaling=self.scaling,
+            group_score=self.group_score,
         )
 
     def experts(
@@ -345,6 +410,7 @@ class MoELayer(nn.Module):
         (moe_ep.pipeline.run_layer) for fixed-capacity dispatch or an overlap_fn.
         overlap_fn(chunk, x) runs while that chunk's results travel back, and what it returns
         is added to the chunk's output (a shared expert, say)."""
+        self.check_input(x)
         tokens = x.reshape(-1, self.hidden)
         topk_ids, topk_weights = self.route(tokens)
         if self.group is None:
@@ -359,6 +425,20 @@ class MoELayer(nn.Module):
             )
         return out.view(x.shape)
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raises naming `x` when it does not fit the layer: a hidden size that the router
+        cannot take (it runs before any exchange), or on one rank a dtype other than the
+        experts'. Under expert parallelism the ops check the dtype inside the step's
+        exchange, so that a rank's wrong input raises on every rank, not there alone while
+        the others wait."""
+        if x.shape[-1:] != (self.hidden,):
+            raise ValueError(f"x: expected [..., {self.hidden}], got {list(x.shape)}")
+        if self.group is None and x.dtype != self.w13.dtype:
+            raise ValueError(
+                f"x: dtype {x.dtype} differs from the layer's dtype {self.w13.dtype} (its expert "
+                f"weights); cast the input, e.g. x.to({self.w13.dtype})"
+            )
+
     def extra_repr(self) -> str:
         return (
             f"hidden={self.hidden}, ffn_hidden={self.ffn_hidden}, num_experts={self.num_experts}, "
@@ -367,6 +447,37 @@ class MoELayer(nn.Module):
 
 
 _layer_numbers = itertools.count()
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != expected:
+        raise ValueError(f"{name}: expected shape {list(expected)}, got {list(tensor.shape)}")
+
+
+def _weight_layout(
+    name: str, weight: torch.Tensor, expected: tuple[int, int, int], transposed: bool | None
+) -> torch.Tensor:
+    """weight as `expected` [n, out, in]; transposed=True takes [n, in, out]. With None the
+    shape decides, and a square [n, d, d] raises: both layouts fit it, and a wrong guess
+    would compute garbage without an error."""
+    n, out_dim, in_dim = expected
+    flipped = (n, in_dim, out_dim)
+    if transposed is None and out_dim == in_dim and tuple(weight.shape) == expected:
+        raise ValueError(
+            f"{name}: shape {list(weight.shape)} fits both [n, out, in] and its transpose "
+            f"(out == in == {in_dim}); pass transposed=False for [n, out, in] (torch.nn.Linear's "
+            "and transformers' layout) or transposed=True for [n, in, out]"
+        )
+    if transposed:
+        _check_shape(name, weight, flipped)
+        return weight.transpose(1, 2)
+    if transposed is None and tuple(weight.shape) == flipped:
+        raise ValueError(
+            f"{name}: expected shape {list(expected)} ([n, out, in]), got {list(weight.shape)}, "
+            "its transpose; pass transposed=True if it is stored input dimension first"
+        )
+    _check_shape(name, weight, expected)
+    return weight
 
 
 def _capturing(x: torch.Tensor) -> bool:

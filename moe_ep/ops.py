@@ -25,6 +25,7 @@ def route(
     topk_group: int = 1,
     renormalize: bool = True,
     scaling: float = 1.0,
+    group_score: str = "max",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k gating.
 
@@ -35,8 +36,11 @@ def route(
         bias: optional float32 [E] added to the scores for the choice only (DeepSeek-V3's
             load-balancing correction); the returned weights never include it.
         n_group, topk_group: group-limited choice: the E experts form n_group equal groups,
-            only experts in the topk_group best groups can be chosen (a group's score is the
-            sum of its two best biased scores when a bias is given, else its best score).
+            only experts in the topk_group best groups can be chosen.
+        group_score: how a group scores, from its experts' selection scores (bias included
+            when given): "max", its best (DeepSeek-V2), or "top2_sum", the sum of its two best
+            (DeepSeek-V3; the best alone for one-expert groups). The rule never depends on
+            whether a bias is given.
         renormalize: divide the k weights by their sum.
         scaling: multiply the weights by this factor (after renormalisation).
 
@@ -45,7 +49,7 @@ def route(
         topk_weights: float32 [T, k].
     """
     return torch.ops.moe_ep.route(
-        logits, top_k, score_func, bias, n_group, topk_group, renormalize, scaling
+        logits, top_k, score_func, bias, n_group, topk_group, renormalize, scaling, group_score
     )
 
 
@@ -142,6 +146,7 @@ def _route_fake(
     topk_group=1,
     renormalize=True,
     scaling=1.0,
+    group_score="max",
 ):
     shape = (logits.shape[0], top_k)
     return logits.new_empty(shape, dtype=torch.int32), logits.new_empty(shape, dtype=torch.float32)

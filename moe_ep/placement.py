@@ -38,6 +38,7 @@ class ExpertPlacement:
             slots = torch.arange(self.num_slots, dtype=torch.int32, device=self.slot_rank.device)
             object.__setattr__(self, "log2phy", slots.view(-1, 1))
         self._validate()
+        self.slots_are_experts  # noqa: B018  (read now, with the validation's, not in a step)
 
     def _validate(self) -> None:
         slots = self.num_slots
@@ -121,14 +122,6 @@ class ExpertPlacement:
     def has_replicas(self) -> bool:
         return self.num_slots != self.num_experts
 
-    @cached_property
-    def slots_are_experts(self) -> bool:
-        """Slot e is expert e for every e (the one-replica constructors' layout; a planned
-        placement without replicas may number its slots otherwise). Computed once: on a CUDA
-        map it is a device-to-host read."""
-        identity = torch.arange(self.num_experts, device=self.log2phy.device)
-        return self.log2phy.shape[1] == 1 and bool((self.log2phy.view(-1) == identity).all())
-
     @property
     def replica_count(self) -> torch.Tensor:
         """int64 [E]: slots per logical expert."""
@@ -150,6 +143,14 @@ class ExpertPlacement:
     @property
     def expert_local(self) -> torch.Tensor:
         return self.slot_local
+
+    @cached_property
+    def slots_are_experts(self) -> bool:
+        """Slot e holds expert e for every e (the one-replica constructors' layout), so that
+        logical ids are slot ids. Computed when the placement is made (a host read on a CUDA
+        map, with those of its validation), so that no step reads it."""
+        identity = torch.arange(self.num_slots, device=self.log2phy.device).view(-1, 1)
+        return not self.has_replicas and bool(torch.equal(self.log2phy.long(), identity))
 
     @cached_property
     def num_local_experts(self) -> int:
@@ -204,8 +205,12 @@ def map_to_slots(topk_ids: torch.Tensor, placement: ExpertPlacement, rank: int) 
     ranks over different replicas. Deterministic, no communication, no host sync. Replicas
     hold identical weights, so the choice of replica never changes the math of the layer.
     """
-    if placement.slots_are_experts:
-        return topk_ids
+    if not placement.has_replicas:
+        if placement.slots_are_experts:
+            return topk_ids  # slot e is expert e
+        # One slot per expert, numbered in another order (a plan's slots go by GPU).
+        slots = placement.log2phy[:, 0].to(topk_ids.device)[topk_ids.long()]
+        return slots.to(topk_ids.dtype)
     flat = topk_ids.reshape(-1).long()
     order = flat.argsort(stable=True)
     by_expert = flat[order]

@@ -29,13 +29,14 @@ def route(
     topk_group: int = 1,
     renormalize: bool = True,
     scaling: float = 1.0,
+    group_score: str = "max",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k gating: int64 ids [T, k] (best first, ties to the lower id), float64 weights."""
     scores, select = route_select_scores(logits, score_func, bias)
     num_tokens, num_experts = select.shape
     if n_group > 1:
         grouped = select.view(num_tokens, n_group, num_experts // n_group)
-        if bias is not None and grouped.shape[-1] > 1:
+        if group_score == "top2_sum" and grouped.shape[-1] > 1:
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
         else:
             group_scores = grouped.max(dim=-1).values

@@ -13,6 +13,7 @@ python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cud
 nvidia-smi >> "$out/env.txt" 2>&1
 echo "== build"
 python3 setup.py -q build_ext --inplace > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+python3 -m moe_ep | tee -a "$out/env.txt"  # the import-time GPU check, and what was built
 echo "== CUDA tests"
 python3 -m pytest -q -x tests -k "cuda or nccl" 2>&1 | tee "$out/tests.log" | tail -15
 echo "== bench_local"

@@ -21,7 +21,9 @@ MOE_EP_CPU_ONLY=1 MOE_EP_SANITIZE=1 "$PYTHON" setup.py --quiet build_ext \
 package=build/asan-ops/pkg/moe_ep
 rm -rf "$package"
 mkdir -p "$package"
-for source in moe_ep/*.py moe_ep/data; do ln -s "$ROOT/$source" "$package/"; done
+for source in moe_ep/*; do
+  case "$source" in moe_ep/_C*.so | moe_ep/__pycache__) ;; *) ln -s "$ROOT/$source" "$package/" ;; esac
+done
 cp build/asan-ops/lib/moe_ep/_C*.so "$package/"
 
 # The sanitizer runtime comes first (Python itself is not instrumented), with libstdc++ (ASan

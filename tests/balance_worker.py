@@ -23,7 +23,7 @@ from moe_ep.placement import ExpertPlacement  # noqa: E402
 
 def make_layer(experts, dtype, gate, w13, w2, **kwargs):
     layer = moe_ep.MoELayer(HIDDEN, FFN, experts, 2, dtype=dtype, group=dist.group.WORLD, **kwargs)
-    layer.load_full_weights(gate, w13, w2)
+    layer.load_full_weights(gate, w13, w2, transposed=False)
     return layer
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import torch
@@ -20,10 +19,8 @@ from torch import nn
 import moe_ep
 from moe_ep import reference
 from moe_ep.elastic import ElasticEP
+from moe_ep.examples.elastic_serving import HIDDEN, TOP_K, make_layers, weights
 from moe_ep.roll_call import RankExcluded
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from elastic_serving import HIDDEN, TOP_K, make_layers, weights  # noqa: E402
 
 TOLERANCE = 2e-5  # float32, relative to each output row's largest reference magnitude
 

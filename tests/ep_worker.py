@@ -74,7 +74,7 @@ def check_layer(
         gate[one_expert] = 1.0
     if skew:
         gate[0] += skew  # expert 0 attracts most tokens
-    layer.load_full_weights(gate.to(device), w13.to(device), w2.to(device))
+    layer.load_full_weights(gate.to(device), w13.to(device), w2.to(device), transposed=False)
     g = torch.Generator().manual_seed(rank * 7919 + len(name))
     x = torch.rand(tokens, HIDDEN, generator=g).to(dtype).to(device)
     if one_expert is None:
@@ -239,7 +239,9 @@ def run_overlap(device="cpu"):
                     dispatch_mode=mode,
                     capacity=capacity,
                 )
-                layer.load_full_weights(gate.to(device), w13.to(device), w2.to(device))
+                layer.load_full_weights(
+                    gate.to(device), w13.to(device), w2.to(device), transposed=False
+                )
                 layers.append(layer)
             x = torch.randn(tokens, HIDDEN, device=device)
             ids, weights = layers[0].route(x)

@@ -48,6 +48,7 @@ def make_layer(world: int, mode: str, layer_deadline: float | None) -> moe_ep.Mo
         torch.randn(experts, HIDDEN, generator=g),
         torch.randn(experts, 2 * FFN, HIDDEN, generator=g) / HIDDEN**0.5,
         torch.randn(experts, HIDDEN, FFN, generator=g) / FFN**0.5,
+        transposed=False,  # [E, out, in]; square here (2F == H)
     )
     return layer
 

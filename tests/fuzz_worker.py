@@ -226,7 +226,7 @@ def run_case(case: Case, group: dist.ProcessGroup, rank: int) -> dict:
         on_overflow=case.on_overflow,
         num_chunks=case.chunks,
     )
-    layer.load_full_weights(gate, w13, w2, bias)
+    layer.load_full_weights(gate, w13, w2, bias, transposed=False)  # 2F may equal H
     g = torch.Generator().manual_seed(case.number * MAX_WORLD + rank)
     count = case.tokens[rank]
     noise = torch.randn(count, case.hidden, generator=g)

@@ -48,7 +48,7 @@ def make_layer(mode: str, chunks: int, tokens: int, **kwargs) -> moe_ep.MoELayer
     gate = torch.randn(4 * world, HIDDEN, generator=g) / HIDDEN**0.5
     w13 = torch.randn(4 * world, 2 * FFN, HIDDEN, generator=g) / HIDDEN**0.5
     w2 = torch.randn(4 * world, HIDDEN, FFN, generator=g) / FFN**0.5
-    layer.load_full_weights(gate, w13, w2)
+    layer.load_full_weights(gate, w13, w2, transposed=False)
     layer.full_w13, layer.full_w2 = w13, w2
     return layer
 

@@ -48,6 +48,20 @@ def test_one_replica_placement_is_the_old_map():
     assert map_to_slots(ids, placement, rank=1) is ids
 
 
+def test_a_plan_without_replicas_maps_experts_to_their_slots():
+    """A plan's slots are numbered by GPU, not by expert, even with one slot per expert:
+    expert e must go to its slot, not to slot e (the map once took ids for slots)."""
+    world, experts = 4, 8
+    layer = planned_layer(experts, world, [50.0, 40.0, 30.0, 20.0, 4.0, 3.0, 2.0, 1.0], 0)
+    placement = ExpertPlacement.from_plan(layer, world)
+    assert not placement.has_replicas and not placement.slots_are_experts
+    ids = zipf_ids(300, experts, 2)
+    for rank in range(world):
+        slots = map_to_slots(ids, placement, rank)
+        assert slots.dtype == ids.dtype
+        assert torch.equal(placement.phy2log[slots.long()], ids.long())
+
+
 def test_from_plan_and_replica_mapping():
     world, experts = 4, 8
     layer = planned_layer(experts, world, [100.0, 40.0] + [10.0] * 6)
@@ -221,18 +235,3 @@ def test_switch_vote_on_one_rank(world_of_one):
 @pytest.mark.parametrize("world", [2, 4])
 def test_rebalance_and_migration_gloo(world, tmp_path):
     mp.spawn(worker, args=(world, os.path.join(tmp_path, "init")), nprocs=world, join=True)
-
-
-def test_a_plan_without_replicas_may_number_its_slots_otherwise():
-    # The planner orders slots by GPU: with one copy per expert, slot e need not be expert e,
-    # and map_to_slots must still go through log2phy (the fuzz found this, issue 15).
-    placement = ExpertPlacement(
-        torch.tensor([0, 0, 1, 1], dtype=torch.int32),
-        torch.tensor([0, 1, 0, 1], dtype=torch.int32),
-        2,
-        torch.tensor([[0], [2], [3], [1]], dtype=torch.int32),
-    )
-    assert not placement.has_replicas and not placement.slots_are_experts
-    ids = torch.tensor([[1, 3], [2, 0]], dtype=torch.int32)
-    assert map_to_slots(ids, placement, rank=0).tolist() == [[2, 1], [3, 0]]
-    assert ExpertPlacement.contiguous(4, 2).slots_are_experts

@@ -290,6 +290,9 @@ def test_expert_ffn_rejects_bad_arguments():
         (lambda: ops.expert_ffn(x[0], offsets, w13, w2), "x"),
         (lambda: ops.expert_ffn(x.int(), offsets, w13, w2), "x"),
         (lambda: ops.expert_ffn(x, offsets, w13.half(), w2), "w13"),
+        # An input that does not fit the weights names x (the usual culprit) and w13.
+        (lambda: ops.expert_ffn(x.half(), offsets, w13.half().float().bfloat16(), w2), "x"),
+        (lambda: ops.expert_ffn(x[:, :8], offsets, w13, w2), "x"),
         (lambda: ops.expert_ffn(x, offsets, w13[:, :15], w2), "w13"),
         (lambda: ops.expert_ffn(x, offsets, w13, w2[:3]), "w2"),
         (lambda: ops.expert_ffn(x, offsets, w13, w2[:, :, :4]), "w2"),

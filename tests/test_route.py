@@ -43,23 +43,40 @@ def test_route_dtypes_and_weight_options(device, dtype, renormalize, scaling):
     [(256, 8, 8, 4), (64, 2, 8, 1), (64, 6, 4, 2), (16, 1, 16, 3)],
 )
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_route_group_limited(device, experts, top_k, n_group, topk_group, with_bias):
+@pytest.mark.parametrize("group_score", ["max", "top2_sum"])
+def test_route_group_limited(device, experts, top_k, n_group, topk_group, with_bias, group_score):
+    torch.manual_seed(experts + top_k + n_group)
     logits = torch.randn(500, experts, device=device)
     bias = torch.randn(experts, device=device) * 0.1 if with_bias else None
-    check_route(
-        logits,
-        top_k,
+    options = dict(
         score_func="sigmoid",
         bias=bias,
         n_group=n_group,
         topk_group=topk_group,
-        scaling=2.5,
+        group_score=group_score,
     )
-    ids, _ = ops.route(
-        logits, top_k, score_func="sigmoid", bias=bias, n_group=n_group, topk_group=topk_group
-    )
+    check_route(logits, top_k, scaling=2.5, **options)
+    ids, _ = ops.route(logits, top_k, **options)
     groups_used = (ids.long() // (experts // n_group)).cpu()
     assert all(len(set(row.tolist())) <= topk_group for row in groups_used)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_group_score_rule_does_not_depend_on_the_bias(device):
+    """DeepSeek-V3 scores a group by its two best experts with or without a correction bias:
+    a zero bias must not change the choice under either rule (it once switched the rule)."""
+    torch.manual_seed(3)
+    logits = torch.randn(400, 64, device=device)
+    zero = torch.zeros(64, device=device)
+    options = dict(score_func="sigmoid", n_group=8, topk_group=2)
+    for rule in ("max", "top2_sum"):
+        ids, _ = ops.route(logits, 4, group_score=rule, **options)
+        biased_ids, _ = ops.route(logits, 4, group_score=rule, bias=zero, **options)
+        torch.testing.assert_close(ids, biased_ids, rtol=0, atol=0)
+    # The two rules differ on these logits, so the argument is what decides.
+    best, _ = ops.route(logits, 4, group_score="max", **options)
+    top2, _ = ops.route(logits, 4, group_score="top2_sum", **options)
+    assert not torch.equal(best, top2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -97,6 +114,7 @@ def test_route_all_tokens_to_one_expert_and_noncontiguous(device):
         (lambda x: ops.route(x, 2, n_group=3), "n_group"),
         (lambda x: ops.route(x, 2, n_group=4, topk_group=5), "topk_group"),
         (lambda x: ops.route(x, 4, n_group=4, topk_group=1), "top_k"),
+        (lambda x: ops.route(x, 2, n_group=4, topk_group=2, group_score="sum"), "group_score"),
     ],
 )
 def test_route_rejects_bad_arguments(call, argument):
@@ -110,5 +128,5 @@ def test_route_opcheck(device):
     bias = torch.randn(64, device=device)
     torch.library.opcheck(torch.ops.moe_ep.route.default, (logits, 4))
     torch.library.opcheck(
-        torch.ops.moe_ep.route.default, (logits, 8, "sigmoid", bias, 8, 4, True, 2.5)
+        torch.ops.moe_ep.route.default, (logits, 8, "sigmoid", bias, 8, 4, True, 2.5, "top2_sum")
     )

@@ -1,8 +1,10 @@
 // The moe_ep._C module. Importing it also runs the static TORCH_LIBRARY registrations of
-// csrc/ops, which make torch.ops.moe_ep.* available.
-#include <torch/extension.h>
+// csrc/ops, which make torch.ops.moe_ep.* available. No tensor crosses these bindings, so
+// plain pybind11 serves: torch/extension.h would double this file's compile time.
+#include <pybind11/pybind11.h>
 
 #include "bindings/bindings.h"
+#include "moe_ep_build_info.h"  // MOE_EP_CUDA_TARGETS, written by setup.py
 #include "ops/deadline.h"
 #include "ops/dispatch_config.h"
 #include "ops/host_reads.h"
@@ -15,6 +17,7 @@ PYBIND11_MODULE(_C, m) {
 #else
       false;
 #endif
+  m.attr("cuda_targets") = MOE_EP_CUDA_TARGETS;
   m.def("host_reads", &moe_ep::ops::host_reads,
         "Device-to-host reads made by moe_ep since import (moe_ep.debug.host_reads).");
   m.def("count_host_read", &moe_ep::ops::count_host_read,

@@ -3,9 +3,11 @@
 // Semantics (DeepSeek-V3 style when a bias and groups are given):
 //   score(e)     = softmax(logits)[e] or sigmoid(logits[e])       (fp32)
 //   select(e)    = score(e) + bias[e]                              (bias only steers the choice)
-//   groups       : the experts are split into n_group equal groups; a group's score is the sum of
-//                  its two best select() values when a bias is given, else its best select()
-//                  value; only experts of the topk_group best groups can be chosen
+//   groups       : the experts are split into n_group equal groups; a group's score is its best
+//                  select() value (GroupScore::kMax, DeepSeek-V2) or the sum of its two best
+//                  (GroupScore::kTopTwoSum, DeepSeek-V3; its best alone for one-expert groups),
+//                  with or without a bias; only experts of the topk_group best groups can be
+//                  chosen
 //   ids          : the top_k experts by select(), best first; ties go to the lower index
 //   weights      : score(id) (never the bias), divided by their sum when renormalize is set,
 //                  then multiplied by scaling
@@ -23,6 +25,7 @@
 namespace moe_ep::core {
 
 enum class ScoreFunction : int { kSoftmax = 0, kSigmoid = 1 };
+enum class GroupScore : int { kMax = 0, kTopTwoSum = 1 };
 
 constexpr int kMaxTopK = 16;
 constexpr int kMaxGroups = 64;
@@ -33,6 +36,7 @@ struct RouteConfig {
   ScoreFunction score = ScoreFunction::kSoftmax;
   int n_group = 1;     // 1 = no group limit
   int topk_group = 1;  // ignored when n_group == 1
+  GroupScore group_score = GroupScore::kMax;
   bool renormalize = true;
   float scaling = 1.0f;
 };
@@ -78,7 +82,8 @@ MOE_EP_HD inline void route_token(LogitFn logit, const float* bias, const RouteC
           second = v;
         }
       }
-      group_score[g] = (bias != nullptr && group_size > 1) ? best + second : best;
+      group_score[g] =
+          (cfg.group_score == GroupScore::kTopTwoSum && group_size > 1) ? best + second : best;
     }
     allowed_groups = 0;
     float last_value = INFINITY;

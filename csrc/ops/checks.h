@@ -22,6 +22,17 @@ inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, std::string_v
               t.scalar_type());
 }
 
+// x [T, H] against expert weights w13 [E, 2F, H] (3-D): the same dtype and hidden size. A
+// mismatch is the input's fault far more often than the weights', so the message names x.
+inline void check_fits_weights(const at::Tensor& x, const at::Tensor& w13) {
+  TORCH_CHECK(x.scalar_type() == w13.scalar_type(), "moe_ep: argument 'x' has dtype ",
+              x.scalar_type(), " but the expert weights ('w13') are ", w13.scalar_type(),
+              ": cast the input to the weights' dtype");
+  TORCH_CHECK(x.dim() >= 1 && w13.dim() == 3 && x.size(-1) == w13.size(2),
+              "moe_ep: argument 'x' has hidden size ", x.dim() >= 1 ? x.size(-1) : 0,
+              " but the expert weights ('w13', [E, 2F, H]) take ", w13.dim() == 3 ? w13.size(2) : 0);
+}
+
 inline void check_float_dtype(const at::Tensor& t, std::string_view name) {
   const auto dtype = t.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,

@@ -15,7 +15,7 @@ Activation check_expert_ffn_args(const at::Tensor& x, const at::Tensor& expert_o
   check_float_dtype(x, "x");
   check_dim(w13, 3, "w13");
   check_dim(w2, 3, "w2");
-  check_dtype(w13, x.scalar_type(), "w13");
+  check_fits_weights(x, w13);
   check_dtype(w2, x.scalar_type(), "w2");
   check_same_device(w13, x, "w13", "x");
   check_same_device(w2, x, "w2", "x");
@@ -23,7 +23,6 @@ Activation check_expert_ffn_args(const at::Tensor& x, const at::Tensor& expert_o
   TORCH_CHECK(w13.size(1) % 2 == 0, "moe_ep: argument 'w13' must stack gate and up projections ",
               "([E, 2F, H]), got an odd dimension 1 in ", w13.sizes());
   const int64_t ffn = w13.size(1) / 2;
-  check_size(w13, 2, hidden, "w13");
   check_size(w2, 0, num_experts, "w2");
   check_size(w2, 1, hidden, "w2");
   check_size(w2, 2, ffn, "w2");

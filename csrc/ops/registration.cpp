@@ -7,8 +7,8 @@ TORCH_LIBRARY(moe_ep, m) {
   // Top-k gating. Returns (topk_ids int32 [T, k], topk_weights float32 [T, k]).
   m.def(
       "route(Tensor logits, int top_k, str score_func=\"softmax\", Tensor? bias=None, "
-      "int n_group=1, int topk_group=1, bool renormalize=True, float scaling=1.0) "
-      "-> (Tensor, Tensor)");
+      "int n_group=1, int topk_group=1, bool renormalize=True, float scaling=1.0, "
+      "str group_score=\"max\") -> (Tensor, Tensor)");
   // Groups the (token, choice) pairs by expert (stable counting sort). Returns
   // (permuted [T*k, H], expert_offsets int64 [E+1], row_of int32 [T, k]). check_ids=False
   // skips the range check of topk_ids (a device-to-host read on CUDA) for ids produced by

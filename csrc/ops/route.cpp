@@ -10,7 +10,8 @@ namespace moe_ep::ops {
 
 core::RouteConfig route_config(const at::Tensor& logits, int64_t top_k, std::string_view score_func,
                                const std::optional<at::Tensor>& bias, int64_t n_group,
-                               int64_t topk_group, bool renormalize, double scaling) {
+                               int64_t topk_group, bool renormalize, double scaling,
+                               std::string_view group_score) {
   check_dim(logits, 2, "logits");
   check_float_dtype(logits, "logits");
   const int64_t num_experts = logits.size(1);
@@ -28,6 +29,9 @@ core::RouteConfig route_config(const at::Tensor& logits, int64_t top_k, std::str
     check_size(*bias, 0, num_experts, "bias");
     check_same_device(*bias, logits, "bias", "logits");
   }
+  TORCH_CHECK(group_score == "max" || group_score == "top2_sum",
+              "moe_ep: argument 'group_score' must be \"max\" or \"top2_sum\", got \"",
+              group_score, "\"");
   TORCH_CHECK(n_group >= 1 && n_group <= core::kMaxGroups,
               "moe_ep: argument 'n_group' must be in [1, ", core::kMaxGroups, "], got ", n_group);
   if (n_group > 1) {
@@ -47,6 +51,8 @@ core::RouteConfig route_config(const at::Tensor& logits, int64_t top_k, std::str
       score_func == "softmax" ? core::ScoreFunction::kSoftmax : core::ScoreFunction::kSigmoid;
   config.n_group = static_cast<int>(n_group);
   config.topk_group = n_group > 1 ? static_cast<int>(topk_group) : 1;
+  config.group_score =
+      group_score == "max" ? core::GroupScore::kMax : core::GroupScore::kTopTwoSum;
   config.renormalize = renormalize;
   config.scaling = static_cast<float>(scaling);
   return config;
@@ -57,9 +63,10 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits, int64_t top_k,
                                              std::string_view score_func,
                                              const std::optional<at::Tensor>& bias, int64_t n_group,
-                                             int64_t topk_group, bool renormalize, double scaling) {
-  const core::RouteConfig config =
-      route_config(logits, top_k, score_func, bias, n_group, topk_group, renormalize, scaling);
+                                             int64_t topk_group, bool renormalize, double scaling,
+                                             std::string_view group_score) {
+  const core::RouteConfig config = route_config(logits, top_k, score_func, bias, n_group,
+                                                topk_group, renormalize, scaling, group_score);
   const at::Tensor input = logits.contiguous();
   const at::Tensor bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int64_t num_tokens = input.size(0);

@@ -215,24 +215,27 @@ TEST(RouteToken, GroupLimitWithoutBiasUsesEachGroupsBestScore) {
                                     static_cast<float>(e5 / sum)});
 }
 
-TEST(RouteToken, GroupLimitWithBiasUsesTheSumOfTheTwoBest) {
+TEST(RouteToken, GroupScoreRuleIsExplicitAndIndependentOfTheBias) {
   // Sigmoid scores: g0 = {s(2.2), s(2.1)} = {0.900, 0.891}, g1 = {s(3), s(-5)} = {0.953, 0.007},
   // g2 = {s(2.5), s(-5)} = {0.924, 0.007}, g3 = {s(0), s(0)} = {0.5, 0.5}.
   const std::vector<float> logits = {2.2f, 2.1f, 3.0f, -5.0f, 2.5f, -5.0f, 0.0f, 0.0f};
-  // Without a bias a group scores its best: g1 (0.953) and g2 (0.924) -> experts 2, 4.
-  EXPECT_EQ(route(logits, grouped(2, ScoreFunction::kSigmoid)).ids, (std::vector<int32_t>{2, 4}));
-  // With a (zero) bias a group scores its two best: g0 1.791, g3 1.0, g1 0.960, g2 0.931
-  // -> groups g0 and g3 -> experts 0, 1.
   const std::vector<float> zero(8, 0.0f);
+  RouteConfig top_two = grouped(2, ScoreFunction::kSigmoid);
+  top_two.group_score = GroupScore::kTopTwoSum;
+  // kMax: a group scores its best, bias or not: g1 (0.953) and g2 (0.924) -> experts 2, 4.
+  EXPECT_EQ(route(logits, grouped(2, ScoreFunction::kSigmoid)).ids, (std::vector<int32_t>{2, 4}));
   EXPECT_EQ(route(logits, grouped(2, ScoreFunction::kSigmoid), &zero).ids,
-            (std::vector<int32_t>{0, 1}));
+            (std::vector<int32_t>{2, 4}));
+  // kTopTwoSum: a group scores its two best, bias or not: g0 1.791, g3 1.0, g1 0.960,
+  // g2 0.931 -> groups g0 and g3 -> experts 0, 1.
+  EXPECT_EQ(route(logits, top_two).ids, (std::vector<int32_t>{0, 1}));
+  EXPECT_EQ(route(logits, top_two, &zero).ids, (std::vector<int32_t>{0, 1}));
   // A bias of +2 on expert 6: g3 = 2.5 + 0.5 = 3.0 is now the best group, then g0 (1.791);
   // top-2 by biased score: 6 (2.5), 0 (0.900). Weights: s(0), s(2.2), renormalised, x 2.5.
   std::vector<float> bias(8, 0.0f);
   bias[6] = 2.0f;
-  RouteConfig cfg = grouped(2, ScoreFunction::kSigmoid);
-  cfg.scaling = 2.5f;
-  const Routed got = route(logits, cfg, &bias);
+  top_two.scaling = 2.5f;
+  const Routed got = route(logits, top_two, &bias);
   EXPECT_EQ(got.ids, (std::vector<int32_t>{6, 0}));
   const double sum = sigmoid(0.0) + sigmoid(2.2);
   expect_weights_near(got.weights, {static_cast<float>(2.5 * sigmoid(0.0) / sum),
@@ -241,10 +244,11 @@ TEST(RouteToken, GroupLimitWithBiasUsesTheSumOfTheTwoBest) {
 
 TEST(RouteToken, GroupTiesGoToTheLowerGroup) {
   // All equal: groups g0 and g1 win the tie, then experts 0..3 in order.
-  for (bool with_bias : {false, true}) {
-    const std::vector<float> zero(8, 0.0f);
-    const Routed got = route(std::vector<float>(8, 1.0f), grouped(4, ScoreFunction::kSigmoid),
-                             with_bias ? &zero : nullptr);
+  const std::vector<float> zero(8, 0.0f);
+  for (GroupScore rule : {GroupScore::kMax, GroupScore::kTopTwoSum}) {
+    RouteConfig cfg = grouped(4, ScoreFunction::kSigmoid);
+    cfg.group_score = rule;
+    const Routed got = route(std::vector<float>(8, 1.0f), cfg, &zero);
     EXPECT_EQ(got.ids, (std::vector<int32_t>{0, 1, 2, 3}));
     expect_weights_near(got.weights, {0.25f, 0.25f, 0.25f, 0.25f});
   }
@@ -262,6 +266,7 @@ TEST(RouteToken, GroupLimitDeepSeekShapeMatchesBruteForce) {
     RouteConfig cfg = config(256, 8, ScoreFunction::kSigmoid, true, 2.5f);
     cfg.n_group = 8;
     cfg.topk_group = 4;
+    cfg.group_score = GroupScore::kTopTwoSum;
     // Group scores in double: sum of the two best biased scores.
     std::vector<std::pair<double, int>> groups;
     for (int g = 0; g < 8; ++g) {

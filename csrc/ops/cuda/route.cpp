@@ -11,9 +11,9 @@ std::tuple<at::Tensor, at::Tensor> route_cuda(const at::Tensor& logits, int64_t 
                                               std::string_view score_func,
                                               const std::optional<at::Tensor>& bias,
                                               int64_t n_group, int64_t topk_group, bool renormalize,
-                                              double scaling) {
-  const core::RouteConfig config =
-      route_config(logits, top_k, score_func, bias, n_group, topk_group, renormalize, scaling);
+                                              double scaling, std::string_view group_score) {
+  const core::RouteConfig config = route_config(logits, top_k, score_func, bias, n_group,
+                                                topk_group, renormalize, scaling, group_score);
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const at::Tensor input = logits.contiguous();
   const at::Tensor bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();

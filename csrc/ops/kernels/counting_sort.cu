@@ -39,6 +39,23 @@ struct Keys {
   }
 };
 
+// Items first .. first + 31, one per lane of a warp, in order: each item's sorted position is
+// its key's cursor plus the lanes below it with the same key (found by __match_any_sync,
+// which keeps the input order: stability without global atomics); then the lowest of those
+// lanes advances the cursor past them all.
+__device__ void rank_warp_items(const Keys& keys, int64_t first, int lane, int32_t* cursor,
+                                int32_t* __restrict__ position) {
+  const int64_t i = first + lane;
+  const int32_t key = keys(i);
+  const unsigned peers = __match_any_sync(0xffffffffu, key);
+  if (i < keys.num_items) {
+    position[i] = key >= 0 ? cursor[key] + __popc(peers & ((1u << lane) - 1u)) : -1;
+  }
+  __syncwarp();
+  if (key >= 0 && lane == __ffs(peers) - 1) cursor[key] += __popc(peers);
+  __syncwarp();
+}
+
 __global__ void count_kernel(Keys keys, int32_t* __restrict__ chunk_counts,
                              int32_t* __restrict__ skipped) {
   extern __shared__ int32_t histogram[];
@@ -96,17 +113,9 @@ __global__ void rank_kernel(Keys keys, const int32_t* __restrict__ chunk_counts,
   const int32_t* starts = chunk_counts + static_cast<int64_t>(blockIdx.x) * keys.num_keys;
   for (int k = lane; k < keys.num_keys; k += kWarp) cursor[k] = starts[k];
   __syncwarp();
-  const unsigned lower_lanes = (1u << lane) - 1u;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kChunk;
   for (int step = 0; step < kChunk / kWarp; ++step) {
-    const int64_t i = static_cast<int64_t>(blockIdx.x) * kChunk + step * kWarp + lane;
-    const int32_t key = keys(i);
-    const unsigned peers = __match_any_sync(0xffffffffu, key);
-    int32_t rank = -1;
-    if (key >= 0) rank = cursor[key] + __popc(peers & lower_lanes);
-    if (i < keys.num_items) position[i] = rank;
-    __syncwarp();
-    if (key >= 0 && lane == __ffs(peers) - 1) cursor[key] += __popc(peers);
-    __syncwarp();
+    rank_warp_items(keys, first + step * kWarp, lane, cursor, position);
   }
 }
 
@@ -140,18 +149,8 @@ __global__ void small_sort_kernel(Keys keys, int64_t* __restrict__ offsets,
   }
   __syncthreads();
   if (threadIdx.x >= kWarp) return;
-  const int lane = threadIdx.x;
-  const unsigned lower_lanes = (1u << lane) - 1u;
-  for (int64_t base = 0; base < keys.num_items; base += kWarp) {
-    const int64_t i = base + lane;
-    const int32_t key = keys(i);
-    const unsigned peers = __match_any_sync(0xffffffffu, key);
-    int32_t rank = -1;
-    if (key >= 0) rank = cursor[key] + __popc(peers & lower_lanes);
-    if (i < keys.num_items) position[i] = rank;
-    __syncwarp();
-    if (key >= 0 && lane == __ffs(peers) - 1) cursor[key] += __popc(peers);
-    __syncwarp();
+  for (int64_t first = 0; first < keys.num_items; first += kWarp) {
+    rank_warp_items(keys, first, threadIdx.x, cursor, position);
   }
 }
 

@@ -1,6 +1,6 @@
 """Serving that survives a rank's death (moe_ep.elastic), under torchrun:
 
-    torchrun --nproc-per-node 4 examples/elastic_serving.py --kill-rank 2 --kill-step 5
+    torchrun --nproc-per-node 4 -m moe_ep.examples.elastic_serving --kill-rank 2 --kill-step 5
 
 Every rank serves a stream of requests through a block of two expert-parallel MoE layers
 (exact size, then fixed capacity) and checks each answer against a float64 reference that
@@ -77,7 +77,7 @@ def make_layers(world: int, kind: str, group: dist.ProcessGroup) -> list[moe_ep.
             num_chunks=chunks,
             name=f"layer{index}",
         )
-        layer.load_full_weights(*weights(experts, index))
+        layer.load_full_weights(*weights(experts, index), transposed=False)  # 2F == H here
         layers.append(layer)
     return layers
 

@@ -1,0 +1,1 @@
+"""Runnable examples (python -m moe_ep.examples.<name>); each needs its own extras."""
