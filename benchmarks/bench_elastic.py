@@ -23,15 +23,17 @@ import json
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tests' workers import their helpers by name
 from common import environment, format_table  # noqa: E402
-from elastic_worker import run  # noqa: E402
-from launcher import run_ranks  # noqa: E402
 
 from moe_ep import deadline  # noqa: E402
+from tests.elastic_worker import run  # noqa: E402
+from tests.launcher import run_ranks  # noqa: E402
 
 STEPS, FAULT_STEP = 8, 3
 
