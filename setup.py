@@ -6,6 +6,8 @@ to iterate on. TORCH_CUDA_ARCH_LIST chooses the CUDA architectures; unset, they 
 the GPUs present (PyTorch's default) or, on a machine without a GPU, DEFAULT_CUDA_ARCHS.
 The architectures built are recorded in moe_ep._C.cuda_targets, which moe_ep checks at
 import against the GPUs it finds.
+MOE_EP_SANITIZE=1 (with MOE_EP_CPU_ONLY=1) instruments the CPU ops with AddressSanitizer and
+UndefinedBehaviorSanitizer (scripts/sanitize.sh).
 """
 
 import glob
@@ -105,9 +107,18 @@ def extension():
     # Python's CFLAGS carry -g; debug info more than doubles the time to compile the sources
     # that include ATen and is of no use in a release build.
     cxx_flags = ["-O3", "-g0", "-fvisibility=hidden"]
+    link_flags = []
+    if os.environ.get("MOE_EP_SANITIZE", "0") == "1":  # scripts/sanitize.sh: CPU ops only
+        sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+        cxx_flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fvisibility=hidden", *sanitizers]
+        link_flags = sanitizers
     if not build_with_cuda():
         return cpp_extension.CppExtension(
-            "moe_ep._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+            "moe_ep._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     sources += relative_glob("csrc/ops/cuda/*.cpp") + relative_glob("csrc/ops/kernels/*.cu")
     return cpp_extension.CUDAExtension(

@@ -31,7 +31,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from moe_ep import debug, plan
+from moe_ep import deadline, debug, plan
 from moe_ep.layer import MoELayer
 from moe_ep.migration import ABANDON, READY, WORKING, SwitchVote, WeightTransfer
 from moe_ep.placement import ExpertPlacement
@@ -99,8 +99,11 @@ class LoadBalancer:
         rounds_per_step: transfer rounds per serving step (None: unpaced); see
             moe_ep.migration.WeightTransfer.
         deadline_steps, deadline_s: a migration not live within this many steps or seconds
-            after it started is abandoned on every rank; deadline_s is also the timeout of
-            the transfer's process group, so a round stuck on a peer ends by then.
+            after it started is abandoned on every rank; deadline_s (None: the layer's
+            deadline, see moe_ep.deadline) is also the timeout of the transfer's and the
+            vote's process groups, so a round stuck on a peer ends by then. The window's
+            all-reduce has the layer's deadline; a failed one, or a failed vote, raises
+            moe_ep.deadline.CollectiveFailure from step().
     """
 
     def __init__(
@@ -119,7 +122,7 @@ class LoadBalancer:
         piece_bytes: int = 4 << 20,
         rounds_per_step: int | None = None,
         deadline_steps: int = 256,
-        deadline_s: float = 60.0,
+        deadline_s: float | None = None,
     ) -> None:
         if layer.group is None:
             raise ValueError("layer: the LoadBalancer needs an expert-parallel layer (group=...)")
@@ -147,6 +150,8 @@ class LoadBalancer:
             raise ValueError(f"piece_bytes: must be >= 1, got {piece_bytes}")
         if rounds_per_step is not None and rounds_per_step < 1:
             raise ValueError(f"rounds_per_step: must be >= 1 or None, got {rounds_per_step}")
+        if deadline_s is None:
+            deadline_s = layer.deadline or deadline.default()
         if deadline_steps < 1 or deadline_s <= 0:
             raise ValueError(
                 f"deadline_steps, deadline_s: must be >= 1 and > 0, got {deadline_steps}, "
@@ -171,7 +176,7 @@ class LoadBalancer:
         self._ranks = dist.get_process_group_ranks(layer.group)
         # The groups are made now, out of the serving path; a fresh transfer group when a
         # migration starts after an abandoned one (whose rounds may be pending on the old).
-        self._vote = SwitchVote(self._new_group("gloo")) if background else None
+        self._vote = SwitchVote(self._new_group("gloo"), layer.group) if background else None
         self._transfer_group = (
             self._new_group(dist.get_backend(layer.group)) if background else None
         )
@@ -202,7 +207,8 @@ class LoadBalancer:
         None. Between window ends and migrations it does nothing on any device."""
         self.steps += 1
         if self._in_flight is not None:
-            return self._advance()
+            with deadline.guard(self.layer.group, self.layer.name, self.layer.deadline):
+                return self._advance()
         self._window_steps += 1
         if self._window_steps < self.window:
             return None
@@ -226,13 +232,7 @@ class LoadBalancer:
         load."""
         layer, current = self.layer, self._placement
         expert_bytes = (layer.w13[0].numel() + layer.w2[0].numel()) * layer.w13.element_size()
-        model = plan.Model(
-            num_layers=1,
-            dense_layers=(),
-            experts_per_layer=layer.num_experts,
-            top_k=layer.top_k,
-            bytes_per_expert=float(max(expert_bytes, 1)),
-        )
+        model = plan.one_layer(layer.num_experts, layer.top_k, expert_bytes)
         previous = plan.LayerPlacement(
             layer=0,
             dense=False,
@@ -279,14 +279,18 @@ class LoadBalancer:
     def _reduce_counts(self) -> tuple[torch.Tensor, bool]:
         """The window's counts per expert over the group, and whether any rank's abandoned
         transfer still runs; one all-reduce and one host read. Restarts the counts."""
-        counts = self.layer.slot_counts
+        layer = self.layer
+        counts = layer.slot_counts
         total = counts.new_zeros(self._placement.num_slots + 1)
         total.index_copy_(0, self._local_slots, counts)
         total[-1:].fill_(int(self._unwinding is not None and self._unwinding.running))
-        dist.all_reduce(total, group=self.layer.group)
+        seconds = timedelta(seconds=layer.deadline or deadline.default())
+        with deadline.guard(layer.group, layer.name, layer.deadline):
+            work = layer.group.allreduce([total], timeout=seconds)
+            deadline.wait(work, "the balancer's window all-reduce", layer.group)
         host = debug.to_host(total)
         counts.zero_()
-        loads = torch.zeros(self.layer.num_experts, dtype=torch.int64)
+        loads = torch.zeros(layer.num_experts, dtype=torch.int64)
         return loads.index_add_(0, self._placement.phy2log, host[:-1]), bool(host[-1])
 
     def _start(self, new: ExpertPlacement, before: float, after: float) -> Migration | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -9,6 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moe_ep import deadline as deadlines
 from moe_ep import dispatcher, ops, pipeline
 from moe_ep.pipeline import OverlapFn
 from moe_ep.placement import ExpertPlacement, map_to_slots
@@ -68,6 +70,12 @@ class MoELayer(nn.Module):
             layer's dtype, and combine stays in it; accuracy cost in docs/dispatch.md, "FP8
             dispatch"). Every rank must use the same. Without a group there is no dispatch
             and it changes nothing.
+        deadline: seconds within which each collective of this layer completes or raises
+            (None: moe_ep.deadline.default(), 60 s). A failure raises
+            moe_ep.deadline.CollectiveFailure on every surviving rank, naming the operation,
+            this layer and the ranks that did not answer; moe_ep.elastic recovers from it.
+        name: the layer's name in errors (default "moe_layer_<n>", n counting the layers
+            made in this process).
 
     Input [..., H] in the experts' dtype (anything else raises, naming `x`); output of the
     same shape and dtype. Under expert
@@ -99,6 +107,8 @@ class MoELayer(nn.Module):
         on_overflow: str = "report",
         num_chunks: int | None = None,
         dispatch_dtype: torch.dtype | None = None,
+        deadline: float | None = None,
+        name: str | None = None,
     ) -> None:
         super().__init__()
         if dispatch_dtype not in (None, dtype, torch.float8_e4m3fn):
@@ -106,6 +116,10 @@ class MoELayer(nn.Module):
                 f"dispatch_dtype must be the layer's dtype ({dtype}) or torch.float8_e4m3fn, "
                 f"got {dispatch_dtype}"
             )
+        if deadline is not None and not deadline > 0:
+            raise ValueError(f"deadline must be > 0 seconds, got {deadline}")
+        self.deadline = deadline
+        self.name = name or f"moe_layer_{next(_layer_numbers)}"
         if dispatch_mode not in ("exact", "capacity"):
             raise ValueError(f"dispatch_mode must be 'exact' or 'capacity', got {dispatch_mode!r}")
         if dispatch_mode == "capacity" and (capacity is None or capacity < 1):
@@ -431,9 +445,10 @@ class MoELayer(nn.Module):
                 extra = overlap_fn(0, tokens)
                 out = out if extra is None else out + extra
             return out.view(x.shape)
-        out = self._expert_parallel(
-            tokens, self.slot_ids(topk_ids), topk_weights, self.num_chunks, overlap_fn
-        )
+        with deadlines.guard(self.group, self.name, self.deadline):
+            out = self._expert_parallel(
+                tokens, self.slot_ids(topk_ids), topk_weights, self.num_chunks, overlap_fn
+            )
         return out.view(x.shape)
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -455,6 +470,9 @@ class MoELayer(nn.Module):
             f"hidden={self.hidden}, ffn_hidden={self.ffn_hidden}, num_experts={self.num_experts}, "
             f"top_k={self.top_k}, score_func={self.score_func}, activation={self.activation}"
         )
+
+
+_layer_numbers = itertools.count()
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:

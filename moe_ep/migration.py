@@ -25,8 +25,8 @@ step's dispatch or the reverse. The vote is a one-element all-reduce on another 
 group, cast by the serving thread at a boundary and read at the next one: the serving step in
 between synchronises the ranks, so reading it waits for no transfer.
 
-A survivor re-plan (a rank lost) can reuse the same pieces: migration_transfers names the
-copies, WeightTransfer moves them, SwitchVote makes the switch collective.
+The survivors' re-plan after a rank's death (moe_ep.elastic) moves its weights with a
+WeightTransfer too, run at once on the survivors' new group (no serving meanwhile, no vote).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from moe_ep import deadline
 from moe_ep.placement import ExpertPlacement
 
 __all__ = [
@@ -397,10 +398,11 @@ class SwitchVote:
     minimum at the next one. Only the serving thread casts, in step order, so the group sees
     the same sequence on every rank; the serving step between cast and read synchronises the
     ranks, so the read waits for no transfer. group: a Gloo group of the layer's ranks (the
-    vote is a CPU tensor: no device read)."""
+    vote is a CPU tensor: no device read); watch: the group whose roll call a failed vote
+    joins (moe_ep.deadline.wait)."""
 
-    def __init__(self, group: dist.ProcessGroup) -> None:
-        self.group = group
+    def __init__(self, group: dist.ProcessGroup, watch: dist.ProcessGroup | None = None) -> None:
+        self.group, self.watch = group, watch
         self._pending: tuple[torch.Tensor, dist.Work] | None = None
 
     def cast(self, vote: int) -> None:
@@ -413,7 +415,7 @@ class SwitchVote:
         if self._pending is None:
             return None
         (value, work), self._pending = self._pending, None
-        work.wait()
+        deadline.wait(work, "the migration's switch vote", self.watch)
         return int(value)
 
 

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import torch
 
+from moe_ep import deadline
 from moe_ep.dispatcher import DispatchOverflow, check_status
 
 OverlapFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
@@ -48,6 +49,9 @@ class ExpertParallelPhases(Protocol):
     on_overflow: str
     capacity: int | None
     dispatch_status: list[torch.Tensor]
+    group: Any  # the process group
+    name: str  # in errors
+    deadline: float | None  # of its collectives (None: the default)
 
     def route_slots(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -117,14 +121,18 @@ def moe_forward(
 def _chunk_task(
     layer: ExpertParallelPhases, x: torch.Tensor, chunk: int, overlap_fn: OverlapFn | None
 ) -> Generator[None, None, torch.Tensor]:
-    slots, topk_weights = layer.route_slots(x)
-    (pending,) = layer.start_dispatches(x, slots, topk_weights, 1)
+    # Each phase under the layer's own deadline: other layers' phases run between the yields.
+    with deadline.guard(layer.group, layer.name, layer.deadline):
+        slots, topk_weights = layer.route_slots(x)
+        (pending,) = layer.start_dispatches(x, slots, topk_weights, 1)
     yield
-    received = layer.finish_dispatch(pending)
-    returning = layer.start_combine(layer.local_experts(received), received)
-    extra = overlap_fn(chunk, x) if overlap_fn is not None else None
+    with deadline.guard(layer.group, layer.name, layer.deadline):
+        received = layer.finish_dispatch(pending)
+        returning = layer.start_combine(layer.local_experts(received), received)
+        extra = overlap_fn(chunk, x) if overlap_fn is not None else None
     yield
-    out = returning.wait()
+    with deadline.guard(layer.group, layer.name, layer.deadline):
+        out = returning.wait()
     return out if extra is None else out + extra
 
 

@@ -66,6 +66,17 @@ class Model:
         return [layer for layer in range(self.num_layers) if layer not in self.dense_layers]
 
 
+def one_layer(experts: int, top_k: int, bytes_per_expert: float) -> Model:
+    """The Model of a single MoE layer: what a run-time re-plan of one layer plans."""
+    return Model(
+        num_layers=1,
+        dense_layers=(),
+        experts_per_layer=experts,
+        top_k=top_k,
+        bytes_per_expert=float(max(bytes_per_expert, 1)),
+    )
+
+
 def gated_ffn_bytes(hidden: int, ffn_hidden: int, dtype_bytes: int = 2) -> float:
     """Weights of one gated FFN (gate, up and down: 3 x hidden x ffn_hidden x dtype bytes)."""
     return _C.gated_ffn_bytes(hidden, ffn_hidden, dtype_bytes)
@@ -215,6 +226,7 @@ def plan(
     topology_aware: bool = True,
     previous: Sequence[LayerPlacement] | None = None,
     max_moves: int = -1,
+    fault_domain: str = "none",
 ) -> Placement:
     """Plans every layer. ``loads[i]`` holds the token counts of the experts of the i-th MoE
     layer; ``coactivation[i]`` holds samples of the top-k experts one token chose (rows of
@@ -224,7 +236,12 @@ def plan(
     ``gpus`` and ``phy2log`` are read); the planner keeps its slots where they are and moves
     only what lowers the load, at most ``max_moves`` optional (GPU, expert) copies per layer
     beyond those a change of slot count forces (-1: no limit); each layer's ``moves`` counts
-    the copies. Raises ValueError naming the bad field."""
+    the copies. A previous placement may lack experts (their GPUs failed): each gets a slot.
+
+    ``fault_domain``: "gpu" or "node" spreads the replicas so that losing any one GPU (or
+    node of ``cluster.gpus_per_node`` GPUs) loses no expert, where the slots allow (2E slots
+    protect every expert; fewer protect the most loaded first); "none" (default) does not.
+    Raises ValueError naming the bad field."""
     raw = _plan_raw(
         model,
         cluster,
@@ -236,6 +253,7 @@ def plan(
         topology_aware,
         previous,
         max_moves,
+        fault_domain,
     )
     return Placement(
         model=model,
@@ -257,6 +275,7 @@ def _plan_raw(
     topology_aware: bool,
     previous: Sequence[LayerPlacement] | None,
     max_moves: int,
+    fault_domain: str = "none",
 ) -> dict:
     """plan() up to the planner's plain dicts (see plan() for the arguments)."""
     if policy not in POLICIES:
@@ -284,6 +303,7 @@ def _plan_raw(
         "memory_reserve_bytes": memory_reserve_bytes,
         "topology_aware": topology_aware,
         "max_moves": max_moves,
+        "fault_domain": fault_domain,
     }
     model_dict = {
         **dataclasses.asdict(model),
@@ -438,6 +458,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--coactivation", help="JSON file: per MoE layer, rows of top-k expert ids")
     p.add_argument("--previous", help="a plan JSON to re-plan from (moving few experts)")
     p.add_argument("--max-moves", type=int, default=-1, help="optional copies per layer; -1: any")
+    p.add_argument(
+        "--fault-domain",
+        choices=("none", "gpu", "node"),
+        default="none",
+        help="spread replicas so that losing one GPU or node loses no expert",
+    )
     p.add_argument("--out", default="placement.json", help="where to write the plan")
     return p.parse_args(argv)
 
@@ -486,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> Placement:
             topology_aware=not args.no_topology,
             previous=previous,
             max_moves=args.max_moves,
+            fault_domain=args.fault_domain,
         )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: the torch-free core with GoogleTest (CTest), then pytest, ending with
 # tests/test_install.py (sdist -> wheel -> fresh virtual environment, run from outside the
-# checkout). CUDA tests skip with a reason where no GPU is present.
+# checkout), then the core and the CPU ops under the sanitizers (scripts/sanitize.sh).
+# CUDA tests skip with a reason where no GPU is present.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
@@ -17,3 +18,6 @@ for file in tests/test_*.py; do
   [ "$file" = tests/test_install.py ] || suite+=("$file")
 done
 "$PYTHON" -m pytest -q "${suite[@]}" tests/test_install.py "$@"
+
+# The core and the CPU ops under AddressSanitizer + UndefinedBehaviorSanitizer.
+bash scripts/sanitize.sh

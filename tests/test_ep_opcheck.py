@@ -1,5 +1,6 @@
 """torch.library.opcheck on the expert-parallel ops, in a one-rank Gloo group in this process
-(schema, fake kernels with data-dependent sizes, dispatcher registration)."""
+(conftest's group_name; schema, fake kernels with data-dependent sizes, dispatcher
+registration)."""
 
 import pytest
 import torch

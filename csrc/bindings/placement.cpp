@@ -61,6 +61,14 @@ core::PlanOptions to_options(const py::dict& d) {
   o.memory_reserve_bytes = field(d, "memory_reserve_bytes", o.memory_reserve_bytes);
   o.topology_aware = field(d, "topology_aware", o.topology_aware);
   o.max_moves = field(d, "max_moves", o.max_moves);
+  const auto domain = field<std::string>(d, "fault_domain", "none");
+  if (domain == "gpu") {
+    o.fault_domain = core::FaultDomain::kGpu;
+  } else if (domain == "node") {
+    o.fault_domain = core::FaultDomain::kNode;
+  } else if (domain != "none") {
+    throw std::invalid_argument("fault_domain: expected none, gpu or node, got " + domain);
+  }
   return o;
 }
 

@@ -6,6 +6,7 @@
 #include <exception>
 #include <functional>
 #include <limits>
+#include <map>
 #include <numeric>
 #include <optional>
 #include <set>
@@ -123,6 +124,25 @@ SlotLayout plan_fresh(const std::vector<double>& load, const LayerStats& stats,
   return spread_no_worse ? std::move(spread) : std::move(*grouped);
 }
 
+// The (GPU, expert) pairs that a previous placement lacked, with multiplicity (0 without one).
+int count_moves(const std::vector<std::pair<int, int>>& gpu_expert, const LayerStats& stats) {
+  if (stats.previous_gpus.empty()) return 0;
+  std::map<std::pair<int, int>, int> before;
+  for (size_t s = 0; s < stats.previous_gpus.size(); ++s) {
+    ++before[{stats.previous_gpus[s], stats.previous_phy2log[s]}];
+  }
+  int moves = 0;
+  for (const auto& pair : gpu_expert) {
+    int& left = before[pair];
+    if (left > 0) {
+      --left;
+    } else {
+      ++moves;
+    }
+  }
+  return moves;
+}
+
 // Slots ordered by GPU, then expert, from one (GPU, expert) pair per slot.
 LayerPlacement finish(LayerPlacement placement, std::vector<std::pair<int, int>> gpu_expert) {
   std::sort(gpu_expert.begin(), gpu_expert.end());
@@ -143,21 +163,25 @@ LayerPlacement plan_moe_layer(int layer, const LayerStats& stats, const Placemen
   LayerPlacement placement;
   placement.layer = layer;
   placement.log2phy.assign(model.experts_per_layer, {});
-  if (!stats.previous_gpus.empty()) {
-    Replanned replanned = replan_layer(stats, load, capacity, options.max_moves, cluster,
-                                       options.topology_aware, model.top_k);
-    placement.moves = replanned.moves;
-    return finish(std::move(placement), std::move(replanned.gpu_expert));
-  }
-  const SlotLayout layout = plan_fresh(load, stats, model, cluster, options, slots, capacity);
   std::vector<std::pair<int, int>> gpu_expert;
-  for (int s = 0; s < layout.num_slots(); ++s) {
-    gpu_expert.emplace_back(layout.slot_gpu[s], layout.slot_expert[s]);
+  if (!stats.previous_gpus.empty()) {
+    gpu_expert = replan_layer(stats, load, capacity, options.max_moves, cluster,
+                              options.topology_aware, model.top_k)
+                     .gpu_expert;
+  } else {
+    const SlotLayout layout = plan_fresh(load, stats, model, cluster, options, slots, capacity);
+    for (int s = 0; s < layout.num_slots(); ++s) {
+      gpu_expert.emplace_back(layout.slot_gpu[s], layout.slot_expert[s]);
+    }
   }
+  protect_against_domain_loss(gpu_expert, load, cluster.num_gpus(),
+                              gpus_per_domain(options.fault_domain, cluster.gpus_per_node));
+  placement.moves = count_moves(gpu_expert, stats);
   return finish(std::move(placement), std::move(gpu_expert));
 }
 
-// A previous placement must be one the planner could have made: every expert on some GPU.
+// A previous placement's slots: GPUs and experts in range. It may lack experts (lost with a
+// failed GPU): the re-plan gives them slots.
 void validate_previous(const LayerStats& stats, const std::string& name, int num_experts,
                        int num_gpus) {
   const auto& gpus = stats.previous_gpus;
@@ -167,7 +191,6 @@ void validate_previous(const LayerStats& stats, const std::string& name, int num
                                       std::to_string(experts.size()) + "), got " +
                                       std::to_string(gpus.size()));
   }
-  std::vector<bool> placed(num_experts, false);
   for (size_t s = 0; s < gpus.size(); ++s) {
     if (gpus[s] < 0 || gpus[s] >= num_gpus) {
       fail(name + ".previous_gpus", "GPU " + std::to_string(gpus[s]) + " out of range");
@@ -175,12 +198,6 @@ void validate_previous(const LayerStats& stats, const std::string& name, int num
     if (experts[s] < 0 || experts[s] >= num_experts) {
       fail(name + ".previous_phy2log", "expert id " + std::to_string(experts[s]) + " out of range");
     }
-    placed[experts[s]] = true;
-  }
-  const auto missing = std::find(placed.begin(), placed.end(), false);
-  if (!gpus.empty() && missing != placed.end()) {
-    fail(name + ".previous_phy2log",
-         "expert " + std::to_string(missing - placed.begin()) + " has no slot");
   }
 }
 

@@ -69,7 +69,11 @@
 //      with the lowest GPU maximum, then the lowest link load, then the fewest moves. The
 //      search never looks at the budget, so a larger budget never gives a worse plan.
 // A move is a (GPU, expert) pair the previous placement lacked: one expert's weights to
-// copy.
+// copy. A previous placement may lack experts (their GPUs failed, moe_ep.elastic): each gets
+// a slot as a forced change.
+//
+// Fault domains (PlanOptions.fault_domain, any policy): no GPU (or node) holds every copy of
+// an expert where the slots allow, after the plan above (fault_domains.h).
 //
 // Memory: a GPU holds bytes_per_expert for each slot it hosts (summed over layers) and
 // dense_layer_bytes for each dense layer it runs (kBalanced / kGreedy: every GPU runs every
@@ -83,6 +87,7 @@
 #include <string>
 #include <vector>
 
+#include "core/fault_domains.h"
 #include "core/topology.h"
 
 namespace moe_ep::core {
@@ -134,6 +139,8 @@ struct PlanOptions {
   bool topology_aware = true;  // kBalanced only
   // Re-planning: optional moves per layer beyond the forced ones; -1: no limit.
   int max_moves = -1;
+  // Replicas spread so that losing one GPU (kGpu) or node (kNode) loses no expert.
+  FaultDomain fault_domain = FaultDomain::kNone;
 };
 
 struct LayerMetrics {

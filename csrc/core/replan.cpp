@@ -44,10 +44,11 @@ class Replan {
     load_unit_ = total > 0 ? 1e-9 * total / num_gpus_ : 1.0;
   }
 
-  // Forced changes: drops replicas beyond `slots`, sheds the slots of GPUs over capacity
-  // and fills every GPU's room.
+  // Forced changes: drops replicas beyond `slots` (less the experts without a slot, which
+  // take one each), sheds the slots of GPUs over capacity and fills every GPU's room.
   void take_previous(int64_t slots) {
-    while (total_slots() > slots) {  // free: fewest load lost per replica first
+    const int64_t homeless = std::count(count_.begin(), count_.end(), 0);
+    while (total_slots() + homeless > slots) {  // free: fewest load lost per replica first
       int expert = -1;
       for (int e = 0; e < num_experts_; ++e) {
         if (count_[e] > 1 &&

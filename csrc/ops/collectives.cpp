@@ -8,6 +8,8 @@
 #include <array>
 #include <mutex>
 
+#include "ops/deadline.h"
+
 namespace moe_ep::ops {
 namespace {
 
@@ -71,27 +73,34 @@ at::Tensor start_all_to_all_rows(const Group& group, const at::Tensor& input,
     send = host.copy_(send);
   }
   at::Tensor recv = at::empty(shape, send.options());
+  c10d::AllToAllOptions options;
+  options.timeout = collective_deadline();
+  c10::intrusive_ptr<c10d::Work> work;
+  try {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-  // alltoall_base: the name that every torch >= 2.4 has (newer ones alias it).
-  auto work = group->alltoall_base(recv, send, recv_rows, send_rows);
+    // alltoall_base: the name that every torch >= 2.4 has (newer ones alias it).
+    work = group->alltoall_base(recv, send, recv_rows, send_rows, options);
 #pragma GCC diagnostic pop
-  if (stage) {
-    work->wait();
-    return recv.to(input.device());
+    if (stage) work->wait();
+  } catch (const std::exception& error) {  // a group that failed before refuses new work
+    raise_collective_failure("an all-to-all", error.what());
   }
+  if (stage) return recv.to(input.device());
   c10d::register_work(recv, work);
   return recv;
 }
 
-at::Tensor all_to_all_rows(const Group& group, const at::Tensor& input,
+at::Tensor all_to_all_rows(std::string_view operation, const Group& group, const at::Tensor& input,
                            std::vector<int64_t> send_rows, std::vector<int64_t> recv_rows) {
-  return c10d::wait_tensor(
-      start_all_to_all_rows(group, input, std::move(send_rows), std::move(recv_rows)));
+  return wait_collective(
+      start_all_to_all_rows(group, input, std::move(send_rows), std::move(recv_rows)), operation);
 }
 
-at::Tensor exchange_with_all(const Group& group, const at::Tensor& row) {
-  return all_to_all_rows(group, row.unsqueeze(0).expand({group->getSize(), row.numel()}));
+at::Tensor exchange_with_all(std::string_view operation, const Group& group,
+                             const at::Tensor& row) {
+  return all_to_all_rows(operation, group,
+                         row.unsqueeze(0).expand({group->getSize(), row.numel()}));
 }
 
 CommScope::CommScope(const c10::Device& device) {

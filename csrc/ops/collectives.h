@@ -27,20 +27,22 @@ Group resolve_group(std::string_view group_name);
 c10::Device collective_device(const Group& group, const c10::Device& preferred);
 
 // Starts an all-to-all of the rows of `input`: variable row splits per rank, or equal splits
-// when both lists are empty. The returned tensor is ready after c10d::wait_tensor: its work is
-// registered on it (the functional-collective idiom), so the caller computes meanwhile. A CUDA
-// tensor on a group without a CUDA backend (several processes sharing one GPU) is staged
-// through pinned host memory and completes before returning.
+// when both lists are empty. The returned tensor is ready after wait_collective (deadline.h):
+// its work is registered on it (the functional-collective idiom), so the caller computes
+// meanwhile. The collective's timeout is the deadline (collective_deadline). A CUDA tensor on a
+// group without a CUDA backend (several processes sharing one GPU) is staged through pinned
+// host memory and completes before returning.
 at::Tensor start_all_to_all_rows(const Group& group, const at::Tensor& input,
                                  std::vector<int64_t> send_rows, std::vector<int64_t> recv_rows);
 
-// start_all_to_all_rows, waited for: the caller's stream (or, on the CPU, the caller) waits.
-at::Tensor all_to_all_rows(const Group& group, const at::Tensor& input,
+// start_all_to_all_rows, waited for: the caller's stream (or, on the CPU, the caller) waits;
+// a failure raises naming `operation`.
+at::Tensor all_to_all_rows(std::string_view operation, const Group& group, const at::Tensor& input,
                            std::vector<int64_t> send_rows = {},
                            std::vector<int64_t> recv_rows = {});
 
 // The same row to every peer, and every peer's row back: [world, n] from [n] (equal splits).
-at::Tensor exchange_with_all(const Group& group, const at::Tensor& row);
+at::Tensor exchange_with_all(std::string_view operation, const Group& group, const at::Tensor& row);
 
 // On CUDA, the work queued inside the scope runs on the device's communication stream (one
 // per device, high priority), after the work already queued on the caller's stream (an event):

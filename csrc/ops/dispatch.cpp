@@ -23,6 +23,7 @@
 #include "core/dispatch_layout.h"
 #include "ops/checks.h"
 #include "ops/collectives.h"
+#include "ops/deadline.h"
 #include "ops/host_reads.h"
 #include "ops/layout_kernels.h"
 
@@ -110,7 +111,8 @@ std::vector<DispatchStarted> dispatch_start_chunks(const at::Tensor& x, const at
     header = header.to(device);
   }
   // The one host read: every peer's header, and this rank's own (its send counts).
-  const at::Tensor received = all_to_all_rows(group, header);
+  const at::Tensor received =
+      all_to_all_rows("dispatch (exact size): the header exchange", group, header);
   const std::vector<int64_t> headers = read_to_host(at::cat({header, received}));
   const int64_t* sent = headers.data();
   const int64_t* got = headers.data() + world * core::kHeaderSize;
@@ -162,10 +164,32 @@ at::ScalarType grouped_dtype(const at::Tensor& x_recv, std::optional<at::ScalarT
   return *dtype;
 }
 
+void check_received(const at::Tensor& x_recv, const at::Tensor& meta_recv,
+                    int64_t num_local_experts, int64_t status_columns) {
+  check_dim(x_recv, 2, "x_recv");
+  if (x_recv.scalar_type() != at::kFloat8_e4m3fn) check_float_dtype(x_recv, "x_recv");
+  check_dim(meta_recv, 2, "meta_recv");
+  check_dtype(meta_recv, at::kInt, "meta_recv");
+  check_size(meta_recv, 0, x_recv.size(0), "meta_recv");
+  check_same_device(meta_recv, x_recv, "meta_recv", "x_recv");
+  const int64_t scales = scale_columns(x_recv);
+  const int64_t metadata = meta_recv.size(1) - status_columns - scales;
+  TORCH_CHECK(metadata >= 2 && metadata % 2 == 0, "moe_ep: argument 'meta_recv' must have 2W",
+              status_columns ? " + 4" : "", scales ? " + the FP8 scale" : "",
+              " columns (W >= 1), got shape ", meta_recv.sizes());
+  TORCH_CHECK(num_local_experts >= 1, "moe_ep: argument 'num_local_experts' must be >= 1, got ",
+              num_local_experts);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_received(
     const at::Tensor& x_recv, const at::Tensor& meta_recv, int64_t width, int64_t num_local_experts,
     int64_t out_rows, at::ScalarType dtype) {
   const Grouping g = group_by_key(meta_recv, width, num_local_experts, /*count_skipped=*/false);
+  // A wrong entry count must not write past the buffer; on the CPU the count is at hand.
+  TORCH_CHECK(meta_recv.is_cuda() || g.offsets.data_ptr<int64_t>()[num_local_experts] <= out_rows,
+              "moe_ep: argument 'recv_entries' (", out_rows, ") is below the entries that ",
+              "arrived (", g.offsets.data_ptr<int64_t>()[num_local_experts],
+              "): pass the one dispatch_start returned");
   const int64_t scales = scale_columns(x_recv);
   at::Tensor x_sorted = scales == 0
                             ? scatter_rows(x_recv, g.position, out_rows)
@@ -177,8 +201,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_received(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_dispatch_rows(
     const at::Tensor& x_recv, const at::Tensor& meta_recv, const at::Tensor& recv_entries,
     int64_t num_local_experts, std::optional<at::ScalarType> dtype) {
-  c10d::wait_tensor(x_recv);
-  c10d::wait_tensor(meta_recv);
+  wait_collective(x_recv, "dispatch_finish: the rows");
+  wait_collective(meta_recv, "dispatch_finish: the rows' routing metadata");
   const c10::DeviceGuard device_guard(x_recv.device());
   const at::ScalarType out_dtype = grouped_dtype(x_recv, dtype);
   const int64_t scales = scale_columns(x_recv);
@@ -220,6 +244,16 @@ std::vector<at::Tensor> dispatch_start_impl(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_finish_impl(
     const at::Tensor& x_recv, const at::Tensor& meta_recv, const at::Tensor& recv_entries,
     int64_t num_local_experts, std::optional<at::ScalarType> dtype) {
+  // Waited first, so that a bad argument does not leave the transfers registered.
+  wait_collective(x_recv, "dispatch_finish: the rows");
+  wait_collective(meta_recv, "dispatch_finish: the rows' routing metadata");
+  check_received(x_recv, meta_recv, num_local_experts, 0);
+  TORCH_CHECK(recv_entries.dim() == 1 && recv_entries.numel() == 1 &&
+                  recv_entries.scalar_type() == at::kLong && recv_entries.is_cpu(),
+              "moe_ep: argument 'recv_entries' must be the CPU int64 [1] tensor that ",
+              "dispatch_start returned, got ", recv_entries.scalar_type(), " ",
+              recv_entries.sizes(), " on ", recv_entries.device());
+  TORCH_CHECK(recv_entries.item<int64_t>() >= 0, "moe_ep: argument 'recv_entries' must be >= 0");
   auto finished = finish_dispatch_rows(x_recv, meta_recv, recv_entries, num_local_experts, dtype);
   at::Tensor& x_sorted = std::get<0>(finished);
   if (x_sorted.is_alias_of(x_recv)) x_sorted = x_sorted.clone();

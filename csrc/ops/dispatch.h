@@ -37,6 +37,12 @@ int64_t scale_columns(const at::Tensor& x_recv);
 // The dtype of the grouped rows: `dtype`, which FP8 rows need (the layer's), else x_recv's.
 at::ScalarType grouped_dtype(const at::Tensor& x_recv, std::optional<at::ScalarType> dtype);
 
+// Checks what a finish op receives from its start op: x_recv [R, H] (float, or FP8), meta_recv
+// [R, 2W + status_columns (+ FP8 scale columns)] int32 on x_recv's device, W >= 1,
+// num_local_experts >= 1.
+void check_received(const at::Tensor& x_recv, const at::Tensor& meta_recv,
+                    int64_t num_local_experts, int64_t status_columns);
+
 // The received rows grouped by local expert, stable in arrival order, read from the local ids
 // in the first `width` columns of meta_recv: (x_sorted [out_rows, H] of `dtype`, FP8 rows
 // dequantized on the way; expert_offsets int64 [L + 1] on the device, recv_row_of int32

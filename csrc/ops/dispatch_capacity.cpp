@@ -18,6 +18,7 @@
 
 #include "core/dispatch_layout.h"
 #include "ops/collectives.h"
+#include "ops/deadline.h"
 #include "ops/dispatch.h"
 #include "ops/layout_kernels.h"
 
@@ -68,8 +69,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 dispatch_capacity_finish_impl(const at::Tensor& x_recv, const at::Tensor& meta_recv,
                               int64_t num_local_experts, int64_t capacity,
                               std::optional<at::ScalarType> dtype) {
-  c10d::wait_tensor(x_recv);
-  c10d::wait_tensor(meta_recv);
+  // Waited first, so that a bad argument does not leave the transfers registered.
+  wait_collective(x_recv, "dispatch_capacity_finish: the rows");
+  wait_collective(meta_recv, "dispatch_capacity_finish: the rows' routing metadata");
+  check_received(x_recv, meta_recv, num_local_experts, core::kStatusSize);
+  TORCH_CHECK(capacity >= 1 && x_recv.size(0) % capacity == 0, "moe_ep: argument 'capacity' ",
+              "must be the capacity of the dispatch (it divides the ", x_recv.size(0),
+              " received rows), got ", capacity);
   const c10::DeviceGuard device_guard(x_recv.device());
   const at::ScalarType out_dtype = grouped_dtype(x_recv, dtype);
   const int64_t rows = x_recv.size(0), stride = meta_recv.size(1);

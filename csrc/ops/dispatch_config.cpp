@@ -177,7 +177,8 @@ std::string describe_errors(int64_t errors, int64_t num_experts) {
       "argument 'expert_local' (the expert map) holds a local expert id outside [0, "
       "num_local_experts)");
   add(core::kIdOutOfRange,
-      "argument 'topk_ids' holds an expert id outside [0, " + std::to_string(num_experts) + ")");
+      "argument 'topk_ids' holds an expert id outside " +
+          (num_experts > 0 ? "[0, " + std::to_string(num_experts) + ")" : "the expert map"));
   add(core::kTooManyChoices,
       "argument 'topk_ids' gives a token more choices on one rank than 'num_local_experts' "
       "allows");
@@ -195,7 +196,9 @@ void raise_for_errors(int64_t errors, int64_t peer, const Group& group, int64_t 
 
 [[noreturn]] void raise_config_mismatch(const Group& group, const DispatchConfig& mine) {
   const at::Tensor row = record_row(mine, {}, collective_device(group, c10::Device(at::kCPU)));
-  check_records_agree(read_to_host(exchange_with_all(group, row)), group->getSize());
+  check_records_agree(
+      read_to_host(exchange_with_all("dispatch: the configuration records", group, row)),
+      group->getSize());
   TORCH_CHECK(false, "moe_ep: dispatch: ranks disagree on the dispatch configuration");
 }
 
@@ -210,7 +213,8 @@ void agree_once(const Group& group, std::string_view group_name, const DispatchC
   }
   const at::Tensor row =
       record_row(config, problem, collective_device(group, c10::Device(at::kCPU)));
-  const std::vector<int64_t> records = read_to_host(exchange_with_all(group, row));
+  const std::vector<int64_t> records = read_to_host(
+      exchange_with_all("dispatch (fixed capacity): the configuration handshake", group, row));
   for (int64_t peer = 0; peer < group->getSize(); ++peer) {
     raise_for_errors(records[peer * kRecordSize + kConfigSize], peer, group,
                      config.fields[kConfigSlots], problem);

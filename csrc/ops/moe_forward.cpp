@@ -63,11 +63,17 @@ at::Tensor moe_forward_impl(const at::Tensor& x, const at::Tensor& topk_ids,
   ArgProblem problem;
   validate(problem, Arg::kW13, [&] {
     check_dim(w13, 3, "w13");
-    TORCH_CHECK(w13.size(0) <= num_local_experts, "moe_ep: argument 'w13' holds ", w13.size(0),
+    // (a num_local_experts below 1 is the dispatch's to report)
+    TORCH_CHECK(num_local_experts < 1 || w13.size(0) <= num_local_experts,
+                "moe_ep: argument 'w13' holds ", w13.size(0),
                 " experts, more than num_local_experts=", num_local_experts);
   });
   // An input that does not fit the weights is the caller's mistake: name x, on every rank.
-  validate(problem, Arg::kX, [&] { check_fits_weights(x, w13); });
+  validate(problem, Arg::kX, [&] {
+    check_dim(x, 2, "x");  // as the dispatch would say it
+    check_float_dtype(x, "x");
+    check_fits_weights(x, w13);
+  });
   if (slot_counts) {
     validate(problem, Arg::kSlotCounts, [&] {
       check_dim(*slot_counts, 1, "slot_counts");

@@ -211,8 +211,8 @@ TEST(Replan, BadPreviousPlacementsNameTheField) {
   expect_error(model, cluster, with({0, 1, 2}, {0, 1, 2, 3}), {}, "stats[0].previous_gpus");
   expect_error(model, cluster, with({0, 1, 2, 4}, {0, 1, 2, 3}), {}, "stats[0].previous_gpus");
   expect_error(model, cluster, with({0, 1, 2, 3}, {0, 1, 2, 4}), {}, "stats[0].previous_phy2log");
-  expect_error(model, cluster, with({0, 0, 2, 3}, {1, 1, 2, 3}), {}, "stats[0].previous_phy2log");
-  expect_error(model, cluster, with({0, 1, 2, 3}, {0, 1, 2, 2}), {}, "stats[0].previous_phy2log");
+  // A previous placement may lack an expert (its GPU failed): not an error, it gets a slot
+  // (test_fault_domains.cpp).
   PlanOptions greedy;
   greedy.policy = Policy::kGreedy;
   expect_error(model, cluster, with({0, 1, 2, 3}, {0, 1, 2, 3}), greedy, "stats[0].previous_gpus");
