@@ -198,11 +198,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_received(
   return {std::move(x_sorted), g.offsets, g.position, received_weights(meta_recv, width)};
 }
 
+void wait_received(const at::Tensor& x_recv, const at::Tensor& meta_recv,
+                   std::string_view operation) {
+  wait_collective(x_recv, operation);
+  wait_collective(meta_recv, operation);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_dispatch_rows(
     const at::Tensor& x_recv, const at::Tensor& meta_recv, const at::Tensor& recv_entries,
     int64_t num_local_experts, std::optional<at::ScalarType> dtype) {
-  wait_collective(x_recv, "dispatch_finish: the rows");
-  wait_collective(meta_recv, "dispatch_finish: the rows' routing metadata");
   const c10::DeviceGuard device_guard(x_recv.device());
   const at::ScalarType out_dtype = grouped_dtype(x_recv, dtype);
   const int64_t scales = scale_columns(x_recv);
@@ -245,8 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_finish_impl(
     const at::Tensor& x_recv, const at::Tensor& meta_recv, const at::Tensor& recv_entries,
     int64_t num_local_experts, std::optional<at::ScalarType> dtype) {
   // Waited first, so that a bad argument does not leave the transfers registered.
-  wait_collective(x_recv, "dispatch_finish: the rows");
-  wait_collective(meta_recv, "dispatch_finish: the rows' routing metadata");
+  wait_received(x_recv, meta_recv, "dispatch_finish: the rows and their routing metadata");
   check_received(x_recv, meta_recv, num_local_experts, 0);
   TORCH_CHECK(recv_entries.dim() == 1 && recv_entries.numel() == 1 &&
                   recv_entries.scalar_type() == at::kLong && recv_entries.is_cpu(),
@@ -269,6 +272,7 @@ dispatch_impl(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor&
       dispatch_start_chunks(x, topk_ids, topk_weights, expert_rank, expert_local, num_local_experts,
                             1, group_name, {}, dispatch_dtype)
           .front();
+  wait_received(x_recv, meta_recv, "dispatch: the rows and their routing metadata");
   auto [x_sorted, expert_offsets, recv_row_of, recv_weights] =
       finish_dispatch_rows(x_recv, meta_recv, recv_entries, num_local_experts, x.scalar_type());
   return {x_sorted,    expert_offsets, recv_row_of, recv_weights,

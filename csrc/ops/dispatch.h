@@ -52,10 +52,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_received(
     const at::Tensor& x_recv, const at::Tensor& meta_recv, int64_t width, int64_t num_local_experts,
     int64_t out_rows, at::ScalarType dtype);
 
-// Waits for a chunk's rows and groups them (group_received) as `dtype` (None: x_recv's; FP8
-// rows need the layer dtype they are dequantized to). With one local expert and one choice per
-// row the received rows are already grouped and, unless FP8, x_sorted is x_recv itself: for
-// callers inside moe_ep; the dispatch_finish op copies them, since an op's outputs are new.
+// Waits (under the deadline) for a chunk's rows and their metadata; `operation` names what
+// failed in the error.
+void wait_received(const at::Tensor& x_recv, const at::Tensor& meta_recv,
+                   std::string_view operation);
+
+// Groups a chunk's received rows, once waited for (wait_received), as `dtype` (None: x_recv's;
+// FP8 rows need the layer dtype they are dequantized to). With one local expert and one choice
+// per row the received rows are already grouped and, unless FP8, x_sorted is x_recv itself:
+// for callers inside moe_ep; the dispatch_finish op copies them, since an op's outputs are new.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_dispatch_rows(
     const at::Tensor& x_recv, const at::Tensor& meta_recv, const at::Tensor& recv_entries,
     int64_t num_local_experts, std::optional<at::ScalarType> dtype);

@@ -70,8 +70,7 @@ dispatch_capacity_finish_impl(const at::Tensor& x_recv, const at::Tensor& meta_r
                               int64_t num_local_experts, int64_t capacity,
                               std::optional<at::ScalarType> dtype) {
   // Waited first, so that a bad argument does not leave the transfers registered.
-  wait_collective(x_recv, "dispatch_capacity_finish: the rows");
-  wait_collective(meta_recv, "dispatch_capacity_finish: the rows' routing metadata");
+  wait_received(x_recv, meta_recv, "dispatch_capacity_finish: the rows and their routing metadata");
   check_received(x_recv, meta_recv, num_local_experts, core::kStatusSize);
   TORCH_CHECK(capacity >= 1 && x_recv.size(0) % capacity == 0, "moe_ep: argument 'capacity' ",
               "must be the capacity of the dispatch (it divides the ", x_recv.size(0),

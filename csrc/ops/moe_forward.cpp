@@ -89,6 +89,7 @@ at::Tensor moe_forward_impl(const at::Tensor& x, const at::Tensor& topk_ids,
   std::vector<at::Tensor> returning;
   returning.reserve(num_chunks);
   for (const auto& [x_recv, meta_recv, recv_counts, send_counts, token_slot, entries] : started) {
+    wait_received(x_recv, meta_recv, "moe_forward: the rows and their routing metadata");
     const auto [x_sorted, offsets, recv_row_of, recv_weights] =
         finish_dispatch_rows(x_recv, meta_recv, entries, num_local_experts, x.scalar_type());
     // A rank with fewer experts than the widest one ignores the empty trailing groups.
